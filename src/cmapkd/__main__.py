@@ -1,0 +1,3 @@
+from cmapkd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Datasets: the EmojiScenes default benchmark and loaders for the paper's public datasets."""

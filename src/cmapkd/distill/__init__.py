@@ -1,0 +1,1 @@
+"""Distillers (one per method) and the training loop."""

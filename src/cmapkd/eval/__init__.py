@@ -1,0 +1,1 @@
+"""Evaluation: retrieval, zero-shot classification, VQA probe, efficiency."""

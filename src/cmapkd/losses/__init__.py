@@ -1,0 +1,1 @@
+"""CMAPKD loss terms (METHOD.md section 4) and baseline losses."""

@@ -1,0 +1,1 @@
+"""Tower adapters, the UCMP pyramids and the ALSN."""

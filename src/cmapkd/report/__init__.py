@@ -1,0 +1,1 @@
+"""Tables and figures, read only from saved metrics and arrays."""

@@ -1,0 +1,23 @@
+"""Thin DVC stage entry points (`python -m cmapkd.stages.<name>`), one module per stage.
+
+The registry below is what `cmapkd --help` lists. A stage is registered here only once it works;
+the rest of the pipeline is listed in PLANNED so the help output tells the truth about both.
+"""
+
+from __future__ import annotations
+
+# name -> (module, one-line description); in pipeline order
+STAGES: dict[str, tuple[str, str]] = {
+    "params": ("cmapkd.stages.params", "validate params.yaml against the typed schema and print it resolved"),
+}
+
+# pipeline stages that later issues add (shown in --help as not yet available)
+PLANNED: dict[str, str] = {
+    "prepare": "build the datasets (EmojiScenes, or COCO/Flickr30K/ImageNet/VQAv2 from local paths) as shards",
+    "teacher": "train the embedded teacher's projection heads, or load the paper's ViT-L-14",
+    "cache_teacher": "cache frozen teacher targets for K seeded views of every training sample",
+    "distill_stage1..4": "progressive distillation: coarse (P5/L4), medium, fine, adaptive with ALSN",
+    "evaluate": "retrieval, zero-shot classification, VQA probe and efficiency for every model",
+    "baselines/ablations": "KD, FitNet, CLIP-KD, adapted PromptKD/C2KD/LLaVA-KD, Table 4 variants, seeds",
+    "tables/figures": "Tables 2-5 and Figures 3-6 from the saved metrics and arrays",
+}

@@ -1,0 +1,73 @@
+"""Runtime helpers (seeding, device from the environment, offline hub) and the `cmapkd` command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cmapkd import runtime
+from cmapkd.cli import main as cli_main
+
+
+def test_seed_everything_repeats_python_numpy_torch():
+    import random
+
+    def draw():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    runtime.seed_everything(123)
+    a = draw()
+    runtime.seed_everything(123)
+    b = draw()
+    runtime.seed_everything(124)
+    c = draw()
+    assert a == b and a != c
+
+
+def test_device_comes_from_environment(monkeypatch):
+    monkeypatch.setenv(runtime.DEVICE_ENV, "cpu")
+    assert runtime.get_device().type == "cpu"
+    monkeypatch.setenv(runtime.DEVICE_ENV, "auto")
+    assert runtime.get_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv(runtime.DEVICE_ENV, "potato")
+    with pytest.raises(ValueError, match="CMAPKD_DEVICE='potato'"):
+        runtime.get_device()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv(runtime.DEVICE_ENV, "cuda")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            runtime.get_device()
+
+
+def test_embedded_setting_switches_hub_off(monkeypatch):
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", runtime.HUB_ENV):
+        monkeypatch.delenv(k, raising=False)
+    assert runtime.configure_hub("paper") is False
+    assert "HF_HUB_OFFLINE" not in os.environ
+    assert runtime.configure_hub("embedded") is True
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
+
+
+def test_cli_help_lists_stages(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("params", "prepare", "evaluate"):
+        assert name in out
+
+
+def test_python_dash_m_cmapkd_help_runs(project_root):
+    r = subprocess.run([sys.executable, "-m", "cmapkd", "--help"], capture_output=True, text=True, cwd=project_root)
+    assert r.returncode == 0 and "stages" in r.stdout
+
+
+def test_params_stage_prints_overrides_and_rejects_bad_keys(project_root, capsys):
+    assert cli_main(["params", "--file", str(project_root / "params.yaml"), "-S", "lambda2=0.3"]) == 0
+    assert "lambda2: 0.3" in capsys.readouterr().out
+    assert cli_main(["params", "--file", str(project_root / "params.yaml"), "-S", "lambda2=oops"]) == 2
+    assert "key 'lambda2' expects float" in capsys.readouterr().err
