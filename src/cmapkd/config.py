@@ -155,6 +155,74 @@ class LossParams:
 
 
 @dataclass(frozen=True)
+class CacheTeacherParams:
+    """`cache_teacher` stage (METHOD.md 6): teacher targets for K seeded views of every train image."""
+
+    num_views: int  # K: view 0 is the image itself, views 1..K-1 mild crops + colour jitter
+    batch_size: int
+    shard_rows: int  # rows per safetensors shard
+
+
+@dataclass(frozen=True)
+class StageSchedule:
+    """One progressive distillation stage (METHOD.md 5): which levels, how long, how fast."""
+
+    epochs: int
+    lr: float  # student and student-side adapters
+    vis_levels: list[int]  # 1..4 = P2..P5
+    txt_levels: list[int]  # 1..4 = L1..L4
+
+
+@dataclass(frozen=True)
+class AdaptiveSchedule:
+    """Stage 4: phase a trains the ALSN alone (diversity regulariser on), phase b trains all."""
+
+    policy_epochs: int
+    policy_lr: float
+    joint_epochs: int
+    lr_student: float
+    lr_adapters: float
+    lr_alsn: float
+
+
+@dataclass(frozen=True)
+class DistillParams:
+    """Shared recipe of every training run (CMAPKD stages, scratch, baselines)."""
+
+    teacher_mode: Literal["cached", "online"]  # cached: read cache_teacher's targets; online: run the teacher
+    batch_size: int  # global batch (split over torchrun ranks)
+    weight_decay: float
+    warmup_frac: float
+    grad_clip: float
+    ckpt_every: int  # steps between resume checkpoints in scratch/ (0 = never)
+    eval_batch_size: int
+    stage1: StageSchedule
+    stage2: StageSchedule
+    stage3: StageSchedule
+    stage4: AdaptiveSchedule
+    scratch_lr: float  # the no-teacher baseline; it trains for as many student-updating epochs as stages 1-4
+
+
+@dataclass(frozen=True)
+class TeacherParams:
+    """`teacher` stage (src/cmapkd/distill/teacher.py, docs/teacher.md). Embedded default: train the
+    teacher's projection heads (final + per-level, both towers) and logit scale contrastively on the
+    train split, backbones frozen (LiT-style) or their last blocks tuned. Paper setting (kind
+    open_clip): no training; these keys are then unused."""
+
+    epochs: int  # passes over the train split (one caption per image per epoch)
+    batch_size: int  # image-caption pairs per contrastive batch
+    lr: float  # AdamW peak learning rate of the heads and the logit scale
+    weight_decay: float  # on weight matrices only (not biases, norms, the logit scale)
+    warmup_frac: float  # linear warm-up over this fraction of the steps, then cosine to 0
+    tune_last_blocks: int  # 0 = frozen towers (features computed once); N = also tune the last N blocks of each backbone
+    level_loss_weight: float  # weight of the mean per-level InfoNCE term (added to the final-embedding InfoNCE)
+    feature_batch_size: int  # images (or captions) per frozen-backbone forward
+    level_pairs: Literal["all", "diagonal"] = "all"  # level InfoNCE over all 4x4 (P_i, L_j) pairs or only i == j
+    tune_lr_scale: float = 0.1  # lr of the tuned backbone blocks = lr * tune_lr_scale
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole params.yaml. Top-level knobs are plain keys so `dvc exp run -S lambda2=0.3` works."""
 
@@ -172,6 +240,12 @@ class Params:
     model: ModelParams
     # CMAPKD loss switches, level selection and METHOD.md constants (src/cmapkd/losses)
     loss: LossParams
+    # `teacher` stage: the embedded teacher's heads (src/cmapkd/distill/teacher.py, docs/teacher.md)
+    teacher: TeacherParams
+    # `cache_teacher` stage (src/cmapkd/stages/cache_teacher.py)
+    cache_teacher: CacheTeacherParams
+    # distillation stages 1-4 and the scratch baseline (src/cmapkd/stages/distill.py)
+    distill: DistillParams
 
 
 # --------------------------------------------------------------------------------------------

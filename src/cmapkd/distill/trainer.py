@@ -228,6 +228,10 @@ def train(
                 torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
             optimizer.step()
             scheduler.step()
+            student = getattr(method, "student", None)
+            if student is not None and hasattr(student, "logit_scale"):
+                with torch.no_grad():  # open_clip clamps the learned temperature at 100
+                    student.logit_scale.clamp_(0, math.log(100))
             step += 1
             seen += spec.batch_size
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 STAGES: dict[str, tuple[str, str]] = {
     "params": ("cmapkd.stages.params", "validate params.yaml against the typed schema and print it resolved"),
     "prepare": ("cmapkd.stages.prepare", "build the datasets (EmojiScenes, or COCO/Flickr30K/ImageNet/VQAv2 from local paths) as shards"),
+    "teacher": ("cmapkd.stages.teacher", "train the embedded teacher's heads on frozen towers, or record the paper's ViT-L-14"),
+    "cache_teacher": ("cmapkd.stages.cache_teacher", "cache frozen teacher targets for K seeded views of every training image and caption"),
 }
 
 # pipeline stages that later issues add (shown in --help as not yet available)
 PLANNED: dict[str, str] = {
-    "teacher": "train the embedded teacher's projection heads, or load the paper's ViT-L-14",
-    "cache_teacher": "cache frozen teacher targets for K seeded views of every training sample",
-    "distill_stage1..4": "progressive distillation: coarse (P5/L4), medium, fine, adaptive with ALSN",
+    "distill": "progressive distillation stages 1-4 and scratch (runs by hand, `python -m cmapkd.stages.distill --run stage1 --out models/stage1`; not yet in dvc.yaml)",
     "evaluate": "retrieval, zero-shot classification, VQA probe and efficiency for every model",
     "baselines/ablations": "KD, FitNet, CLIP-KD, adapted PromptKD/C2KD/LLaVA-KD, Table 4 variants, seeds",
     "tables/figures": "Tables 2-5 and Figures 3-6 from the saved metrics and arrays",
