@@ -29,3 +29,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def params():
+    """The project's model and loss params (embedded default)."""
+    from cmapkd.config import load_params
+
+    return load_params(["model", "loss"], path=ROOT / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def teacher(params):
+    """The embedded teacher with seeded random heads, in eval mode."""
+    import torch
+
+    from cmapkd.models.encoders import build_encoder
+
+    torch.manual_seed(0)
+    return build_encoder(params.model.teacher).eval()
+
+
+@pytest.fixture(scope="module")
+def student(params):
+    """The embedded student with seeded random weights, in eval mode."""
+    import torch
+
+    from cmapkd.models.encoders import build_encoder
+
+    torch.manual_seed(0)
+    return build_encoder(params.model.student).eval()

@@ -13,23 +13,6 @@ from cmapkd.models.encoders import build_encoder
 from cmapkd.models.towers import OpenCLIPTokenizer, TimmImageTower, load_efficientnet_lite
 
 
-@pytest.fixture(scope="module")
-def params(request):
-    from pathlib import Path
-
-    return load_params(["model", "loss"], path=Path(request.config.rootpath) / "params.yaml")
-
-
-@pytest.fixture(scope="module")
-def teacher(params):
-    torch.manual_seed(0)
-    return build_encoder(params.model.teacher).eval()
-
-
-@pytest.fixture(scope="module")
-def student(params):
-    torch.manual_seed(0)
-    return build_encoder(params.model.student).eval()
 
 
 def _photo(name: str, size: int) -> torch.Tensor:

@@ -24,21 +24,6 @@ from cmapkd.models.ucmp import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def params():
-    return load_params(["model", "loss"], path=ROOT / "params.yaml")
-
-
-@pytest.fixture(scope="module")
-def teacher(params):
-    torch.manual_seed(0)
-    return build_encoder(params.model.teacher).eval()
-
-
-@pytest.fixture(scope="module")
-def student(params):
-    torch.manual_seed(0)
-    return build_encoder(params.model.student).eval()
 
 
 def test_grid_rule_follows_strides():
