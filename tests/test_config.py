@@ -122,3 +122,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("seed: [1, 2\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(path=bad)
+
+
+def test_float_in_e_notation_without_dot_is_accepted(project_root):
+    """PyYAML reads `3e-3` as a string; `dvc exp run -S lr=3e-3` writes exactly that."""
+    params = load_params(path=project_root / "params.yaml", overrides=["lambda2=3e-3"])
+    assert params.lambda2 == pytest.approx(0.003)
+    with pytest.raises(ParamsError, match="key 'lambda2' expects float"):
+        load_params(path=project_root / "params.yaml", overrides=["lambda2=3e-3x"])

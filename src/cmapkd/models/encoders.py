@@ -161,7 +161,8 @@ def build_encoder(spec) -> DualEncoder:
         enc = DualEncoder(image, text, clip=clip, name=f"open_clip:{name}:{spec.pretrained or 'random'}")
     elif spec.kind == "towers":
         image = TimmImageTower(spec.image_model, spec.image_weights, spec.image_taps, spec.image_size, spec.embed_dim)
-        text = HFTextTower(spec.text_model, spec.text_taps, spec.context_length, spec.embed_dim, spec.text_pool)
+        text = HFTextTower(spec.text_model, spec.text_taps, spec.context_length, spec.embed_dim, spec.text_pool,
+                           num_layers=spec.text_layers)
         enc = DualEncoder(image, text, name=f"towers:{spec.image_model}+{Path(spec.text_model).name}")
     else:
         raise ValueError(f"model: unknown encoder kind '{spec.kind}'")

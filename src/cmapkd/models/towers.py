@@ -50,12 +50,12 @@ class TowerOutput:
     pooled: Tensor | None = None  # text: the tower's own sentence state of the last tap [B, D_4] (-> L4)
 
 
-def _check_taps(taps: Sequence[int], n_blocks: int, what: str) -> list[int]:
+def _check_taps(taps: Sequence[int], n_blocks: int, what: str, first: int = 1) -> list[int]:
     taps = list(taps)
     if len(taps) != 4 or sorted(taps) != taps or len(set(taps)) != 4:
         raise ValueError(f"{what}: expected 4 increasing taps, got {taps}")
-    if taps[0] < 1 or taps[-1] > n_blocks:
-        raise ValueError(f"{what}: taps {taps} outside 1..{n_blocks}")
+    if taps[0] < first or taps[-1] > n_blocks:
+        raise ValueError(f"{what}: taps {taps} outside {first}..{n_blocks}")
     return taps
 
 
@@ -350,7 +350,7 @@ class HFTextTower(TextTower):
     its own sentence pooling into `embed_dim` and per-level heads."""
 
     def __init__(self, model_path: str, taps: Sequence[int], context_length: int, embed_dim: int, pool: str = "mean",
-                 pretrained: bool = True):
+                 pretrained: bool = True, num_layers: int = 0):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
@@ -367,7 +367,14 @@ class HFTextTower(TextTower):
         finally:
             hf_logging.set_verbosity(level)
         cfg = self.encoder.config
-        self.taps = _check_taps(taps, cfg.num_hidden_layers, f"{path} text taps")
+        if num_layers:
+            # keep the first `num_layers` pretrained layers (weight inheritance, as DistilBERT/TinyCLIP do)
+            if not 1 <= num_layers <= cfg.num_hidden_layers:
+                raise ValueError(f"{path}: text_layers {num_layers} outside 1..{cfg.num_hidden_layers}")
+            self.encoder.encoder.layer = self.encoder.encoder.layer[:num_layers]
+            cfg.num_hidden_layers = num_layers
+        # tap 0 = the token embeddings (word level), 1..n = the layers
+        self.taps = _check_taps(taps, cfg.num_hidden_layers, f"{path} text taps", first=0)
         self.level_dims = [int(cfg.hidden_size)] * 4
         self.context_length = context_length
         self.embed_dim = embed_dim

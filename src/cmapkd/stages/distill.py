@@ -1,6 +1,11 @@
-"""Distillation stages 1-4 (METHOD.md 5) and the scratch baseline: `cmapkd distill --run stage1`.
+"""Training runs: CMAPKD stages 1-4 (METHOD.md 5), the baselines and the ablations.
 
-Runs under torchrun too (`torchrun --nproc_per_node=N -m cmapkd.stages.distill --run stage1`):
+    cmapkd distill --run stage1 --out models/cmapkd-stage1-s0 --seed 0
+    cmapkd distill --run stage2 --init models/cmapkd-stage1-s0 --out models/cmapkd-stage2-s0
+    cmapkd distill --run kd --out models/kd-s1 --seed 1
+    cmapkd distill --ablation p5only --out models/abl-p5only --main-chain models/cmapkd-stage{}-s0
+
+Runs under torchrun too (`torchrun --nproc_per_node=N -m cmapkd.stages.distill --run stage1 ...`):
 the global batch is split over the ranks and only rank 0 writes."""
 
 from __future__ import annotations
@@ -15,15 +20,20 @@ from cmapkd.config import ParamsError, load_params
 from cmapkd.data import DataError
 from cmapkd.distill.cache import CacheMismatchError
 from cmapkd.distill.ddp import init_distributed, shutdown_distributed
-from cmapkd.distill.runs import RUNS, run
+from cmapkd.distill.runs import CMAPKD_STAGES, RUNS, run, run_chain
 from cmapkd.distill.trainer import NonFiniteLossError
 
-KEYS = ["seed", "setting", "lambda1", "lambda2", "lambda3", "lambda4", "model", "loss", "cache_teacher", "distill"]
+KEYS = ["seed", "seeds", "ablations", "baselines", "setting", "lambda1", "lambda2", "lambda3", "lambda4", "model", "loss", "cache_teacher", "distill"]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cmapkd distill", description=__doc__)
-    ap.add_argument("--run", required=True, choices=RUNS)
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--run", choices=RUNS, help="one CMAPKD stage or one baseline")
+    what.add_argument("--ablation", help="a variant of params.yaml `ablations` (runs its CMAPKD chain)")
+    ap.add_argument("--seed", type=int, default=None, help="training seed (default: params seed)")
+    ap.add_argument("--main-chain", default=None,
+                    help="ablations: output folders of the main chain, with {} for the stage (e.g. models/cmapkd-{}-s0)")
     ap.add_argument("--data", default="data/processed/emojiscenes")
     ap.add_argument("--teacher", default="models/teacher")
     ap.add_argument("--cache", default="data/cache/teacher")
@@ -31,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--metrics", default=None, help="also write the run's summary here (DVC metrics)")
     ap.add_argument("--scratch", default="scratch", help="resume checkpoints (git-ignored)")
-    ap.add_argument("--live", default="dvclive", help="DVCLive folder (one subfolder per run)")
+    ap.add_argument("--live", default="dvclive", help="DVCLive folder (one subfolder per model, named like --out)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -46,13 +56,24 @@ def main(argv: list[str] | None = None) -> int:
     device = runtime.get_device()
     info = init_distributed(device)
     try:
-        summary = run(params, args.run, Path(args.data), Path(args.teacher), Path(args.cache),
-                      Path(args.init) if args.init else None, Path(args.out), Path(args.scratch), Path(args.live),
-                      device, info, progress=not args.no_progress)
+        out = Path(args.out)
+        live = Path(args.live) / out.name
+        if args.ablation is not None:
+            if args.ablation not in params.ablations:
+                raise ValueError(f"{args.params}: no ablation '{args.ablation}' under `ablations` "
+                               f"(known: {sorted(params.ablations)})")
+            main = {s: Path(args.main_chain.format(s)) for s in CMAPKD_STAGES} if args.main_chain else None
+            summary = run_chain(params, args.ablation, params.ablations[args.ablation], Path(args.data),
+                                Path(args.teacher), Path(args.cache), out, Path(args.scratch), live, device, main,
+                                info, progress=not args.no_progress)
+        else:
+            summary = run(params, args.run, Path(args.data), Path(args.teacher), Path(args.cache),
+                          Path(args.init) if args.init else None, out, Path(args.scratch), live,
+                          device, info, progress=not args.no_progress, seed=args.seed)
         if args.metrics and info.is_main:
             Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
             Path(args.metrics).write_text(json.dumps(summary, indent=2, sort_keys=True))
-    except (CacheMismatchError, NonFiniteLossError, DataError, ParamsError, FileNotFoundError) as e:
+    except (CacheMismatchError, NonFiniteLossError, DataError, ParamsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -1,0 +1,42 @@
+"""`tables` stage: Tables 2-5 of the paper (retrieval; zero-shot + VQA probe; ablations and the
+progressive stages; efficiency) from the metrics JSONs of the evaluate stage, as Markdown, LaTeX
+(booktabs) and CSV: reports/tables/table{2,3,4,5}.{md,tex,csv} (docs/reports.md)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from cmapkd import runtime
+from cmapkd.config import PARAMS_FILE, ParamsError, load_params
+
+log = logging.getLogger("cmapkd.tables")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="cmapkd tables", description=__doc__)
+    ap.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: params.yaml)")
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key")
+    ap.add_argument("--metrics", default="reports/metrics", help="folder of <model_id>.json metrics (evaluate's output)")
+    ap.add_argument("--out", default="reports/tables", help="output folder (table2..table5 .md/.tex/.csv)")
+    args = ap.parse_args(argv)
+    runtime.setup_logging()
+    from cmapkd.report.tables import ReportError, write_tables
+
+    try:
+        params = load_params(["prepare", "report"], path=args.params, overrides=args.set)
+        summary = write_tables(args.metrics, args.out, params.report.headline_metric, params.prepare.format)
+    except (ParamsError, ReportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for number, rows in summary["rows"].items():
+        shown = ", ".join(f"{g} (n={n})" for g, n in rows) or "no rows"
+        log.info("table %d: %s", number, shown)
+    log.info("wrote %d files to %s", len(summary["files"]), Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,311 @@
+"""Tables 2-5 and Figures 3-6 (src/cmapkd/report) on synthetic metrics JSONs and figdata arrays,
+and the paths that paper/main.tex reads from them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmapkd.report import figures, tables
+from cmapkd.report.tables import EFFICIENCY_KEYS, FRACTION_KEYS, ZEROSHOT_METRICS, ReportError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic inputs
+# --------------------------------------------------------------------------------------------
+
+
+def write_metrics(d: Path, model: str, seed: int, frac: float = 0.3, **over) -> Path:
+    """One metrics JSON: every fraction = `frac`, efficiency values fixed, `over` on top."""
+    m = {"model": model, "method": re.sub(r"-s\d+$", "", model), "seed": seed}
+    m.update({k: frac for k in FRACTION_KEYS})
+    m.update({f"zeroshot_{s}_{k}": frac for s in ("emoji_groups", "fashion_mnist") for k in ZEROSHOT_METRICS})
+    m.update({k: 1.0 for k in EFFICIENCY_KEYS})
+    m.update(params_total=5.0e6, latency_ms_image_b1=2.0, flops_per_image=3.0e8, device="cpu")
+    m.update(over)
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / f"{model}.json"
+    p.write_text(json.dumps(m, indent=2), encoding="utf-8")
+    return p
+
+
+@pytest.fixture
+def metrics_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "metrics"
+    write_metrics(d, "teacher", 0, 0.9, params_total=2.0e7, latency_ms_image_b1=8.0)
+    for s, r1 in enumerate((0.50, 0.52, 0.54)):  # mean 52.0, sample std 2.0 (percent)
+        write_metrics(d, f"cmapkd-s{s}", s, 0.4, retrieval_i2t_r1=r1, latency_ms_image_b1=2.0 + s)
+    for s, r1 in enumerate((0.30, 0.40)):  # mean 35.0, sample std sqrt(50) = 7.07
+        write_metrics(d, f"scratch-s{s}", s, 0.3, retrieval_i2t_r1=r1)
+    write_metrics(d, "promptkd-s0", 0, 0.35, retrieval_t2i_r1=0.60)  # best student on T2I R@1
+    write_metrics(d, "c2kd-s0", 0, 0.33)
+    write_metrics(d, "cmapkd-stage1-s0", 0, 0.2)
+    write_metrics(d, "abl-p5only", 0, 0.25)
+    return d
+
+
+def md_row(text: str, name: str) -> list[str]:
+    line = next(l for l in text.splitlines() if l.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+def test_tables_mean_std_bold_teacher_adapted(metrics_dir: Path, tmp_path: Path):
+    out = tmp_path / "tables"
+    summary = tables.write_tables(metrics_dir, out)
+    assert sorted(p.name for p in summary["files"]) == sorted(tables.TABLE_FILES)
+
+    t2 = (out / "table2.md").read_text()
+    # columns: Method, n, I2T R@1, R@5, R@10, T2I R@1, R@5, R@10, Mean
+    cm = md_row(t2, "CMAPKD (ours)")
+    assert cm[1] == "3" and cm[2] == "**52.0 ± 2.0**"  # hand-computed mean ± std (ddof=1), best: bold
+    assert cm[3] == "**40.0 ± 0.0**"
+    sc = md_row(t2, "Scratch")
+    assert sc[1] == "2" and sc[2] == "35.0 ± 7.1"
+    pk = md_row(t2, "PromptKD (adapted)")
+    assert pk[1] == "1" and pk[5] == "**60.0**" and "±" not in pk[2]  # n = 1: no std
+    assert md_row(t2, "CMAPKD (ours)")[5] == "40.0 ± 0.0"
+    teacher = md_row(t2, "*Teacher (reference)*")
+    assert teacher[2] == "90.0" and not any("**" in c for c in teacher)  # teacher best, never bold
+
+    tex = (out / "table2.tex").read_text()
+    assert r"\textbf{52.0 $\pm$ 2.0}" in tex and r"\begin{tabular}" in tex and r"\toprule" in tex
+    lines = tex.splitlines()
+    ti = next(i for i, l in enumerate(lines) if l.startswith(r"\textit{Teacher}"))
+    assert r"\textbf" not in lines[ti] and lines[ti + 1] == r"\midrule"  # teacher block apart
+    assert r"\caption{" in tex and r"\label{tab:retrieval}" in tex
+    rows = list(csv.DictReader((out / "table2.csv").open()))
+    cmr = next(r for r in rows if r["model"] == "cmapkd")
+    assert cmr["i2t_r1_pct"] == "52.000000" and cmr["i2t_r1_pct_std"] == "2.000000" and cmr["seeds"] == "0 1 2"
+
+    # adapted baselines are named as such in every table they appear in, in every format
+    for n in (2, 3, 5):
+        for ext in ("md", "tex", "csv"):
+            text = (out / f"table{n}.{ext}").read_text()
+            assert "PromptKD (adapted)" in text and "C2KD (adapted)" in text, (n, ext)
+            assert not re.search(r"PromptKD(?! \(adapted\))", text.replace("PromptKD, C2KD", "")), (n, ext)
+
+    # protocol in the captions
+    assert "all captions of an image count" in t2 and "test split" in t2
+    t3 = (out / "table3.md").read_text()
+    assert "VQA is a probe, not zero-shot" in t3 and "Fashion-MNIST" in t3 and "EmojiScenes groups" in t3
+
+    # Table 5: reduction and speed-up against the teacher; teacher row has none
+    t5 = (out / "table5.md").read_text()
+    cm5 = md_row(t5, "CMAPKD (ours)")
+    assert cm5[-2] == "75.0" and cm5[-1] == "2.67×"  # 1 - 5M/20M; 8 ms / mean(2, 3, 4) ms
+    assert md_row(t5, "*Teacher (reference)*")[-2:] == ["–", "–"]
+    assert md_row(t5, "Scratch")[2] == "5.00"  # params (M): all students tie -> no bold
+    assert "**5.00**" not in t5
+
+    # Table 4: the full method, the progressive stage and the ablation that exist
+    t4 = (out / "table4.md").read_text()
+    assert md_row(t4, "CMAPKD (ours)")[1] == "3"
+    assert md_row(t4, "CMAPKD after stage 1 (P5 / L4)")[1] == "1"
+    assert md_row(t4, "w/o visual pyramid (P5 only)")[1] == "1"
+    assert "w/o ALSN (uniform weights)" not in t4  # missing model: no row
+
+
+def test_tables_missing_models(tmp_path: Path):
+    d = tmp_path / "metrics"
+    write_metrics(d, "cmapkd-s0", 0, 0.4)  # quick profile: one seed, no teacher, no baselines
+    write_metrics(d, "mystery-s0", 0, 0.4)  # unknown group: ignored
+    out = tmp_path / "tables"
+    summary = tables.write_tables(d, out)
+    assert summary["ignored"] == ["mystery"]
+    assert summary["rows"][2] == [("cmapkd", 1)] and summary["rows"][4] == [("cmapkd", 1)]
+    t5 = (out / "table5.md").read_text()
+    assert md_row(t5, "CMAPKD (ours)")[-2:] == ["–", "–"]  # no teacher: no reduction/speed-up
+    assert "Teacher" not in "".join(l for l in t5.splitlines() if l.startswith("|"))
+
+    only_teacher = tmp_path / "m2"
+    write_metrics(only_teacher, "teacher", 0, 0.9)
+    tables.write_tables(only_teacher, tmp_path / "t2")
+    t4 = (tmp_path / "t2" / "table4.md").read_text()
+    assert "(no metrics of CMAPKD, its stages or its ablations)" in t4
+    assert "no metrics of CMAPKD" in (tmp_path / "t2" / "table4.tex").read_text()
+
+
+def test_tables_bad_inputs_name_the_file(tmp_path: Path):
+    d = tmp_path / "metrics"
+    write_metrics(d, "teacher", 0)
+    bad = d / "kd-s0.json"
+    bad.write_text("{not json", encoding="utf-8")
+    with pytest.raises(ReportError, match=r"kd-s0\.json: not valid JSON"):
+        tables.load_runs(d)
+
+    p = write_metrics(d, "kd-s0", 0)
+    m = json.loads(p.read_text())
+    del m["retrieval_mean"]
+    p.write_text(json.dumps(m))
+    with pytest.raises(ReportError, match=r"kd-s0\.json: missing key\(s\) retrieval_mean"):
+        tables.load_runs(d)
+
+    write_metrics(d, "kd-s0", 0, retrieval_mean=52.0)  # a percentage where a fraction belongs
+    with pytest.raises(ReportError, match=r"kd-s0\.json: key 'retrieval_mean' = 52.0 is not a fraction"):
+        tables.load_runs(d)
+
+    write_metrics(d, "kd-s0", 1)  # id says seed 0
+    with pytest.raises(ReportError, match=r"kd-s0\.json: model id 'kd-s0' names seed 0"):
+        tables.load_runs(d)
+
+    p = write_metrics(d, "kd-s0", 0)
+    m = json.loads(p.read_text())
+    del m["zeroshot_fashion_mnist_top5"]  # the teacher's file has this zero-shot set
+    p.write_text(json.dumps(m))
+    with pytest.raises(ReportError, match=r"kd-s0\.json: missing key\(s\) zeroshot_fashion_mnist_top5"):
+        tables.load_runs(d)
+
+    write_metrics(d, "kd-s0", 0)
+    with pytest.raises(ReportError, match="report.headline_metric"):
+        tables.build_tables(tables.load_runs(d), headline_metric="params_total")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="no metrics JSON"):
+        tables.load_runs(tmp_path / "empty")
+
+
+def test_tables_stage_byte_identical(metrics_dir: Path, tmp_path: Path):
+    from cmapkd.stages.tables import main
+
+    for name in ("a", "b"):
+        assert main(["--params", str(ROOT / "params.yaml"), "--metrics", str(metrics_dir), "--out", str(tmp_path / name)]) == 0
+    for f in tables.TABLE_FILES:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert main(["--params", str(ROOT / "params.yaml"), "--metrics", str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def write_figdata(path: Path, n_per_type: int = 10, c: int = 12, e: int = 20, seed: int = 0, **over) -> Path:
+    rng = np.random.default_rng(seed)
+    types = np.repeat(np.array(figures.SCENE_TYPES), n_per_type)
+    n = len(types)
+
+    def simplex(k: int) -> np.ndarray:
+        z = np.exp(rng.normal(0, 0.6, (k, 4)))
+        return (z / z.sum(1, keepdims=True)).astype(np.float32)
+
+    arrays = dict(
+        sample_index=np.arange(n) * 3,
+        scene_type=types,
+        caption=np.array([f"A {t} scene \U0001F992 with caption number {i} and $dollars$" for i, t in enumerate(types)]),
+        difficulty=rng.random(n),
+        alsn_w_v=simplex(n),
+        alsn_w_l=simplex(n),
+        student_levels=rng.normal(size=(n, 4, c)).astype(np.float32) + np.arange(4)[None, :, None],
+        teacher_levels=rng.normal(size=(n, 4, e)).astype(np.float32) + np.arange(4)[None, :, None],
+        crossmodal_sim=np.clip(rng.normal(0.1, 0.3, (n, 4, 4)), -1, 1).astype(np.float32),
+    )
+    arrays.update(over)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_figures_byte_identical_and_no_dates(tmp_path: Path):
+    fd = figures.load_figdata(write_figdata(tmp_path / "figdata" / "cmapkd-s0.npz"))
+    rng = np.random.default_rng(1)
+    images = {int(i): rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in fd.sample_index}
+    kw = dict(images=images, fig3_samples=20, tsne_samples=16, tsne_pca_dim=8, tsne_perplexity=30.0, tsne_seed=0)
+    a = figures.write_figures(fd, tmp_path / "a", **kw)
+    b = figures.write_figures(fd, tmp_path / "b", **kw)
+    assert sorted(p.name for p in a) == sorted(figures.FIGURE_FILES)
+    for pa, pb in zip(a, b):
+        assert pa.read_bytes() == pb.read_bytes(), pa.name
+    for p in a:
+        data = p.read_bytes()
+        assert b"CreationDate" not in data and b"ModDate" not in data and b"matplotlib" not in data.lower(), p.name
+        assert data[:4] in (b"\x89PNG", b"%PDF")
+
+
+def test_figure_selection_and_text():
+    fd = figures.FigData(
+        path=Path("x.npz"),
+        sample_index=np.array([5, 3, 9, 1]),
+        scene_type=np.array(["simple", "simple", "complex", "abstract"]),
+        caption=np.array(["a", "b", "c", "d"]),
+        difficulty=np.array([0.5, 0.1, 0.9, 0.5]),
+        alsn_w_v=np.array([[0.7, 0.1, 0.1, 0.1], [0.25] * 4, [0.25] * 4, [0.25] * 4]),
+        alsn_w_l=np.full((4, 4), 0.25),
+        student_levels=np.zeros((4, 4, 2)),
+        teacher_levels=np.zeros((4, 4, 2)),
+        crossmodal_sim=np.zeros((4, 4, 4)),
+    )
+    assert figures.difficulty_order(fd).tolist() == [1, 3, 0, 2]  # tie 0.5: sample 1 before 5
+    assert figures.select_by_difficulty(fd, 2).tolist() == [1, 2]  # first and last
+    reps = figures.representatives(fd)
+    assert reps["fine-grained"] is None and reps["complex"] == 2 and reps["abstract"] == 3
+    assert reps["simple"] == 1  # a tie in distance to the mean: the lower sample index
+    assert figures.median_difficulty_row(fd) == 3
+    no_types = figures.FigData(**{**fd.__dict__, "scene_type": np.array([""] * 4)})  # e.g. COCO
+    assert figures.representatives(no_types) == dict(zip(figures.QUARTERS, [1, 3, 0, 2]))
+    text = figures.plain_text("giraffe \U0001F992\u200d\ufe0f  emoji   face")  # DejaVu Sans has no giraffe
+    assert text == "giraffe \u25a1 emoji face"
+
+
+def test_figdata_errors_name_file_and_key(tmp_path: Path):
+    p = write_figdata(tmp_path / "bad.npz")
+    with np.load(p) as z:
+        arrays = {k: z[k] for k in z.files}
+    del arrays["crossmodal_sim"]
+    np.savez(p, **arrays)
+    with pytest.raises(ReportError, match=r"bad\.npz: missing key\(s\) crossmodal_sim"):
+        figures.load_figdata(p)
+    p2 = write_figdata(tmp_path / "shape.npz", alsn_w_v=np.full((40, 3), 1 / 3))
+    with pytest.raises(ReportError, match=r"shape\.npz: key 'alsn_w_v' has shape \[40, 3\], expected \[40, 4\]"):
+        figures.load_figdata(p2)
+    p3 = write_figdata(tmp_path / "types.npz", scene_type=np.array(["weird"] * 40))
+    with pytest.raises(ReportError, match=r"types\.npz: key 'scene_type' has unknown value"):
+        figures.load_figdata(p3)
+
+
+def test_figures_stage_missing_figdata(tmp_path: Path, capsys):
+    from cmapkd.stages.figures import main
+
+    write_figdata(tmp_path / "figdata" / "cmapkd-s1.npz", n_per_type=1)
+    rc = main(["--params", str(ROOT / "params.yaml"), "--figdata", str(tmp_path / "figdata"), "--out", str(tmp_path / "f")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "cmapkd-s0.npz" in err and "found: cmapkd-s1" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Paper
+# --------------------------------------------------------------------------------------------
+
+
+def test_paper_paths():
+    """Every \\input / \\includegraphics of paper/main.tex is a file the tables or figures stage
+    writes (and exists, once those stages have run)."""
+    tex = (ROOT / "paper" / "main.tex").read_text(encoding="utf-8")
+    tex = "\n".join(line.split("%")[0] for line in tex.splitlines())  # drop comments
+    refs = re.findall(r"\\(input|includegraphics)(?:\[[^\]]*\])?\{([^}]+)\}", tex)
+    assert refs, "paper/main.tex includes no generated table or figure"
+    outputs = {Path("reports/tables") / f for f in tables.TABLE_FILES} | {
+        Path("reports/figures") / f for f in figures.FIGURE_FILES
+    }
+    seen = {"input": set(), "includegraphics": set()}
+    for kind, ref in refs:
+        rel = Path(ref)
+        path = Path(*(ROOT / "paper" / rel).resolve().relative_to(ROOT).parts)
+        assert path in outputs, f"{ref}: not an output of the tables or figures stage"
+        assert (kind == "input") == (path.suffix == ".tex"), ref
+        seen[kind].add(path.name)
+        if (ROOT / path.parent).is_dir():  # the stage has run here: the file must exist
+            assert (ROOT / path).is_file(), f"{ref}: {path} is missing (run `dvc repro tables figures`)"
+    assert seen["input"] == {f"table{i}.tex" for i in tables.TABLE_IDS}
+    assert seen["includegraphics"] == {f"{s}.pdf" for s in figures.FIGURE_STEMS}
