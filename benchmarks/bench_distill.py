@@ -28,7 +28,12 @@ alive at once but only one computes at a time; the parent drives them one step e
 order (ABC, BCA, CAB, ...) so drift and other tenants' load hit them alike; the report gives
 medians over the timed steps, and "x plain" is the median of the per-step paired ratios.
 `--profile DIR` additionally runs torch.profiler over a few steps of `plain` and `cached` and
-prints (and saves) the operator tables and the forward sub-phase split.
+prints the forward and backward time of each part of the step (student towers, UCMP, intra-modal
+distances, every loss term, optimizer; `attribute_trace`), the operators that grow most, and saves
+the operator tables and chrome traces in DIR. What-if variants (`--variants cached+channels_last`,
+see PATCHES) apply a candidate speed-up inside that variant's process only, to measure it before
+anyone changes the sources. On a shared machine, `--threads 1` gives far steadier numbers
+(docs/benchmarks.md).
 
 This is a benchmark, not a test: nothing here asserts; the targets are printed next to the numbers.
 """
@@ -52,6 +57,13 @@ from pathlib import Path
 # the params sections the distill stage loads (its own list when importable: it grows as methods are added)
 _FALLBACK_KEYS = ["seed", "setting", "lambda1", "lambda2", "lambda3", "lambda4", "model", "loss", "cache_teacher", "distill"]
 VARIANTS = ("plain", "cached", "online")
+# what-if patches, applied inside a variant's own process only (never to the sources): a variant
+# name may carry them, e.g. `cached+channels_last+vec_align`; they back docs/benchmarks.md's suggestions
+PATCHES = {
+    "nofill": "torch.utils.deterministic.fill_uninitialized_memory = False after runtime.seed_everything",
+    "channels_last": "the student FPN and the visual intra adapters run in channels_last memory format",
+    "vec_align": "align_pyramid computes all (i, j) level pairs with one einsum instead of a 4x4 loop",
+}
 PHASES = ("batch", "forward", "backward", "optim")
 # forward sub-phases, timed with hooks on the method's own modules / functions
 SUBPHASES = ("targets", "student_image", "student_text", "ucmp", "losses")
@@ -187,6 +199,48 @@ def _hook(module, timer, name):
     module.register_forward_hook(lambda m, a, o: timer.stop(name))
 
 
+def align_pyramid_batched(f: dict, ctx) -> "torch.Tensor":
+    """`cmapkd.losses.cmapkd.align_pyramid` with every (i, j) pair in one batched product: the
+    same value (to float rounding) from ~40 ops instead of ~16 x 20. The `vec_align` patch."""
+    import torch
+    import torch.nn.functional as F
+
+    from cmapkd.losses import cmapkd as lmod
+
+    if not ctx.vis_levels or not ctx.txt_levels:
+        return lmod._zero(f)
+    scale = ctx.align_logit_scale / ctx.t_kd
+    vi, tj = ctx.vis_levels, ctx.txt_levels
+    tv = F.normalize(f["t_vis_pool"][:, vi].float(), dim=-1)
+    tl = F.normalize(f["t_txt_pool"][:, tj].float(), dim=-1)
+    sv, sl = F.normalize(f["vis_emb"][:, vi], dim=-1), F.normalize(f["txt_emb"][:, tj], dim=-1)
+    p_t = scale * torch.einsum("bie,cje->ijbc", tv, tl)  # [I, J, B, B]: row b = image b vs every caption
+    p_s = scale * torch.einsum("bie,cje->ijbc", sv, sl)
+    p_log = p_t.log_softmax(-1)
+    kl = (p_log.exp() * (p_log - p_s.log_softmax(-1))).sum(-1).mean(-1)  # [I, J]
+    return (ctx.alpha[vi][:, tj] * kl).sum() / (lmod.LEVELS * lmod.LEVELS)
+
+
+def _apply_patches(patches, method=None) -> None:
+    import torch
+
+    if "nofill" in patches and method is None:
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    if method is None:
+        return
+    if "channels_last" in patches and hasattr(method, "ucmp"):
+        cl = torch.channels_last
+        fpn = method.ucmp.fpn
+        fpn.to(memory_format=cl)
+        method.ucmp.vis_adapters.to(memory_format=cl)
+        inner = fpn.forward
+        fpn.forward = lambda taps: inner([t.contiguous(memory_format=cl) for t in taps])
+    if "vec_align" in patches:
+        from cmapkd.losses import cmapkd as lmod
+
+        lmod.TERMS["align_pyramid"] = align_pyramid_batched
+
+
 def _instrument(method, timer, fine: bool = False):
     """Time the forward sub-phases without touching the sources: forward hooks on the student's
     towers and the UCMP, and per-instance wrappers of `targets_from_batch` / `compute_losses`.
@@ -302,6 +356,8 @@ class StepRunner:
         runtime.configure_hub(params.setting)
         runtime.seed_everything(params.seed)  # as the stage does (deterministic kernels included)
         self.torch, self.device, self.variant = torch, device, variant
+        variant, *patches = variant.split("+")
+        _apply_patches(patches)
         data_root = Path(args.data)
         dataset = ImageTextDataset(data_root, "train")
         num_views = params.cache_teacher.num_views
@@ -321,6 +377,7 @@ class StepRunner:
                 teacher = teacher.to(device)
         torch.manual_seed(params.seed)  # plain and CMAPKD start from the same student weights
         method = build_method(params, name, teacher, teacher_dims).to(device)
+        _apply_patches(patches, method)
         self.method = method
         self.batches = DistillBatches(dataset, method.student.tokenize, params.seed, num_views, cache=cache,
                                       teacher_tokenize=teacher.tokenize if teacher is not None else None,
@@ -445,6 +502,8 @@ def _step_worker(variant: str, args, conn) -> None:
             elif cmd[0] == "stop":
                 conn.send(("ok", runner.memory()))
                 break
+    except (EOFError, BrokenPipeError):  # the parent is gone: nothing to report to
+        pass
     except BaseException as e:  # report to the parent instead of hanging it
         import traceback
 
@@ -698,14 +757,15 @@ def print_report(args, machine: dict, bs: int, rows: dict, cache: dict | None, s
     print(f"run: {args.run} (cached/online) vs scratch (plain); batch {bs}; median of {args.steps} steps "
           f"after {args.warmup} warm-up, variants interleaved")
     print()
-    hdr = (f"| {'variant':<8} | {'samples/s':>9} | {'ms/step':>8} | {'x plain':>7} | {'peak RSS MB':>11} "
+    w = max([8] + [len(n) for n in rows])
+    hdr = (f"| {'variant':<{w}} | {'samples/s':>9} | {'ms/step':>8} | {'x plain':>7} | {'peak RSS MB':>11} "
            f"| {'CPU ms/step':>11} | {'x plain (CPU)':>13} |")
     print(hdr)
     print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
     for n, r in rows.items():
         xp = f"{r['x_plain']:.2f}" if "x_plain" in r else "-"
         xc = f"{r['x_plain_cpu']:.2f}" if "x_plain_cpu" in r else "-"
-        print(f"| {n:<8} | {r['samples_per_s']:>9.1f} | {r['ms_per_step']:>8.0f} | {xp:>7} | {r['peak_rss_mb']:>11.0f} "
+        print(f"| {n:<{w}} | {r['samples_per_s']:>9.1f} | {r['ms_per_step']:>8.0f} | {xp:>7} | {r['peak_rss_mb']:>11.0f} "
               f"| {r['cpu_ms_per_step']:>11.0f} | {xc:>13} |")
     print("(x plain: median of the per-step paired ratios of wall time; CPU: the same on process CPU time, "
           "less sensitive to other tenants)")
@@ -714,10 +774,10 @@ def print_report(args, machine: dict, bs: int, rows: dict, cache: dict | None, s
         print(f"cached vs plain: {x:.2f}x (target <= 1.15x: {'met' if x <= 1.15 else 'NOT met'})")
     print()
     print("phases, median ms/step (forward = compute_features + compute_losses; optim = clip + AdamW + scheduler + logging)")
-    print(f"| {'variant':<8} | " + " | ".join(f"{p:>8}" for p in PHASES) + " | "
+    print(f"| {'variant':<{w}} | " + " | ".join(f"{p:>8}" for p in PHASES) + " | "
           + " | ".join(f"{p:>13}" for p in SUBPHASES) + " |")
     for n, r in rows.items():
-        print(f"| {n:<8} | " + " | ".join(f"{r['phases_ms'][p]:>8.0f}" for p in PHASES) + " | "
+        print(f"| {n:<{w}} | " + " | ".join(f"{r['phases_ms'][p]:>8.0f}" for p in PHASES) + " | "
               + " | ".join(f"{r['forward_parts_ms'][p]:>13.0f}" for p in SUBPHASES) + " |")
     if args.device == "cuda":
         for n, r in rows.items():
@@ -804,7 +864,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default="data/cache/teacher")
     ap.add_argument("--run", default="stage3", choices=["stage1", "stage2", "stage3", "stage4a", "stage4b"],
                     help="which CMAPKD run's levels/phase to time (stage3: all levels, the costliest of 1-3)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of plain, cached, online")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma list of plain, cached, online, each optionally with what-if patches: "
+                         + "; ".join(f"+{k}: {v}" for k, v in PATCHES.items()))
     ap.add_argument("--batch-size", type=int, default=0, help="default: params distill.batch_size")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=3)
@@ -819,10 +881,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, metavar="PATH")
     args = ap.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in args.variants if v not in VARIANTS]
+    bad = [v for v in args.variants if v.split("+")[0] not in VARIANTS or not set(v.split("+")[1:]) <= set(PATCHES)]
     if bad:
-        ap.error(f"unknown variants {bad}; known: {list(VARIANTS)}")
-    for p in (args.data, args.teacher) + ((args.cache,) if "cached" in args.variants else ()):
+        ap.error(f"unknown variants {bad}; known: {list(VARIANTS)}, each with optional +patches {sorted(PATCHES)}")
+    for p in (args.data, args.teacher) + ((args.cache,) if any(v.startswith("cached") for v in args.variants) else ()):
         if not Path(p).exists():
             ap.error(f"{p} not found: run `dvc repro cache_teacher` first")
 
