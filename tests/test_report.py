@@ -309,3 +309,16 @@ def test_paper_paths():
             assert (ROOT / path).is_file(), f"{ref}: {path} is missing (run `dvc repro tables figures`)"
     assert seen["input"] == {f"table{i}.tex" for i in tables.TABLE_IDS}
     assert seen["includegraphics"] == {f"{s}.pdf" for s in figures.FIGURE_STEMS}
+
+
+def test_metrics_of_seeds_outside_params_are_left_out(metrics_dir: Path, tmp_path: Path):
+    """Metrics files of an earlier, longer `seeds` list stay in the folder; the tables use only
+    the current seeds (and every unseeded model, such as the teacher)."""
+    out = tmp_path / "tables-seeds"
+    summary = tables.write_tables(metrics_dir, out, seeds=[0, 2])
+    table2 = (out / "table2.md").read_text(encoding="utf-8")
+    row = next(line for line in table2.splitlines() if line.startswith("| CMAPKD"))
+    assert row.split("|")[2].strip() == "2"  # n = 2 of the 3 seeds on disk
+    assert "52.0" in row  # mean of R@1 0.50 (seed 0) and 0.54 (seed 2)
+    assert any(line.startswith("| *Teacher") for line in table2.splitlines())
+    assert summary["files"]

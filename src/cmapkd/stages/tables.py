@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     from cmapkd.report.tables import ReportError, write_tables
 
     try:
-        params = load_params(["prepare", "report"], path=args.params, overrides=args.set)
-        summary = write_tables(args.metrics, args.out, params.report.headline_metric, params.prepare.format)
+        params = load_params(["seed", "seeds", "prepare", "report"], path=args.params, overrides=args.set)
+        summary = write_tables(args.metrics, args.out, params.report.headline_metric, params.prepare.format,
+                               seeds=params.seeds)
     except (ParamsError, ReportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
