@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quick smoke profile of the whole pipeline (a few minutes on 2 cores): one seed, three baselines,
-# every ablation, one epoch per training stage, a smaller train split and teacher schedule.
+# one ablation, a smaller train split (8 steps per epoch) and teacher schedule.
 # It is a DVC experiment of the default params: `dvc exp show` lists it next to the others, and
 # `dvc exp apply`/`git checkout params.yaml` go back. Extra arguments go to `dvc exp run`.
 set -euo pipefail
@@ -12,6 +12,5 @@ exec dvc exp run -n "quick" --force \
   -S 'baselines.methods=[scratch,kd,clipkd]' \
   -S 'prepare.emojiscenes.splits.train=512' \
   -S 'teacher.epochs=8' \
-  -S 'distill.stage1.epochs=1' -S 'distill.stage2.epochs=1' -S 'distill.stage3.epochs=1' \
-  -S 'distill.stage4.policy_epochs=1' -S 'distill.stage4.joint_epochs=1' \
+  -S 'ablation_runs=[onestage]' \
   "$@"

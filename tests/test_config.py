@@ -130,3 +130,9 @@ def test_float_in_e_notation_without_dot_is_accepted(project_root):
     assert params.lambda2 == pytest.approx(0.003)
     with pytest.raises(ParamsError, match="key 'lambda2' expects float"):
         load_params(path=project_root / "params.yaml", overrides=["lambda2=3e-3x"])
+
+
+def test_ablation_runs_must_name_defined_ablations(tmp_path, good):
+    good["ablation_runs"] = ["uniform", "p5onyl"]
+    with pytest.raises(ParamsError, match=r"ablation_runs \['p5onyl'\] not defined under `ablations`"):
+        load_params(path=write(tmp_path, good))

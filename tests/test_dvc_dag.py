@@ -50,7 +50,7 @@ def test_every_training_stage_has_a_model_live_logs_and_metrics(stages):
                                                        "baseline", "ablation")]
     params = __import__("yaml").safe_load((ROOT / "params.yaml").read_text())
     n_seeds, n_methods = len(params["seeds"]), len(params["baselines"]["methods"])
-    assert len(train) == 5 * n_seeds + n_methods * n_seeds + len(params["ablations"])
+    assert len(train) == 5 * n_seeds + n_methods * n_seeds + len(params["ablation_runs"])
     for n in train:
         outs = stages[n]["outs"]
         assert any(o.startswith("models/") for o in outs) and any(o.startswith("dvclive/") for o in outs), n

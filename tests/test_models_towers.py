@@ -66,8 +66,8 @@ def test_student_open_clip_towers(student):
     with torch.no_grad():
         img = student.image(student.image.prepare(torch.rand(2, 3, 128, 128)))
         txt = student.text(ids, mask)
-    assert [tuple(l.shape[1:]) for l in img.levels] == [(192, 8, 8)] * 4  # CLS removed, grid reshaped
-    assert [tuple(l.shape[1:]) for l in txt.levels] == [(32, 128)] * 4
+    assert [tuple(l.shape[1:]) for l in img.levels] == [(128, 8, 8)] * 4  # CLS removed, grid reshaped
+    assert [tuple(l.shape[1:]) for l in txt.levels] == [(32, 64)] * 4
     assert img.embedding.shape == txt.embedding.shape == (2, 256)
     # the student's sentence state is the [SEP] (EOT) token of the last tap
     eot = (ids == 102).int().argmax(-1)

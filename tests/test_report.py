@@ -322,3 +322,12 @@ def test_metrics_of_seeds_outside_params_are_left_out(metrics_dir: Path, tmp_pat
     assert "52.0" in row  # mean of R@1 0.50 (seed 0) and 0.54 (seed 2)
     assert any(line.startswith("| *Teacher") for line in table2.splitlines())
     assert summary["files"]
+
+
+def test_metrics_of_ablations_outside_params_are_left_out(metrics_dir: Path, tmp_path: Path):
+    """A quick profile (`-S ablation_runs=[...]`) must not show ablations of an earlier full run."""
+    kept = tables.write_tables(metrics_dir, tmp_path / "with", ablations=["p5only"])
+    dropped = tables.write_tables(metrics_dir, tmp_path / "without", ablations=["onestage"])
+    assert "(P5 only)" in (tmp_path / "with" / "table4.md").read_text(encoding="utf-8")
+    assert "(P5 only)" not in (tmp_path / "without" / "table4.md").read_text(encoding="utf-8")
+    assert kept["files"] and dropped["files"]

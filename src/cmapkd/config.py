@@ -375,6 +375,8 @@ class Params:
     seeds: list[int]
     # Table 4 ablations: name -> how the CMAPKD schedule changes (AblationVariant); each is one DVC stage
     ablations: dict[str, AblationVariant]
+    # which of `ablations` the `ablation` DVC stages train (a list, so `dvc exp run -S` replaces it)
+    ablation_runs: list[str]
     # which of the two settings this params file describes; the embedded default runs offline
     setting: Literal["embedded", "paper"]
     # METHOD.md section 4: L_total = l1*L_intra + l2*L_align + l3*L_relation + l4*L_task
@@ -599,7 +601,13 @@ def load_params(
         bad = sorted(only - names)
         if bad:
             raise ParamsError(f"{path}: stage asked for unknown key(s) {bad}; known: {sorted(names)}")
-    return _build(Params, raw, "", path, only)
+    params = _build(Params, raw, "", path, only)
+    if params.ablation_runs is not None and params.ablations is not None:
+        unknown = [a for a in params.ablation_runs if a not in params.ablations]
+        if unknown:
+            raise ParamsError(f"{path}: ablation_runs {unknown} not defined under `ablations` "
+                              f"(known: {sorted(params.ablations)})")
+    return params
 
 
 def to_dict(obj: Any) -> Any:

@@ -19,6 +19,7 @@ model (`train_vqa_probe`). Its scores are probe scores, never zero-shot numbers.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter
@@ -66,6 +67,7 @@ _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: a period not followed 
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 
 
+@functools.lru_cache(maxsize=65536)  # answers repeat: each is normalised once per process
 def process_punctuation(text: str) -> str:
     """Official `processPunctuation`: a punctuation mark is deleted if it touches a space in the
     input (or the input has a digit,digit comma), otherwise replaced by a space; then periods not
@@ -91,6 +93,7 @@ def _clean(text: str) -> str:
     return str(text).replace("\n", " ").replace("\t", " ").strip()
 
 
+@functools.lru_cache(maxsize=65536)
 def normalize_answer(text: str) -> str:
     """The official normalisation of a predicted answer."""
     return process_digit_article(process_punctuation(_clean(text)))

@@ -671,17 +671,24 @@ def write_tables(
     headline_metric: str = "retrieval_mean",
     dataset: str = "emojiscenes",
     seeds: list[int] | None = None,
+    ablations: list[str] | None = None,
 ) -> dict:
     """Load the metrics, build Tables 2-5 and write `TABLE_FILES` into `out_dir`.
 
     `seeds`: the training seeds of the current params; metrics of a seeded model (`<group>-s<N>`)
     with another seed are left out (files of an earlier `seeds` list stay in the metrics folder).
+    `ablations`: params `ablation_runs`; metrics of other ablations (`abl-<name>`) are left out alike.
     Returns a summary: the files written, the rows of each table, the groups ignored."""
     runs = load_runs(metrics_dir)
     if seeds is not None:
         stale = [r for r in runs if _SEED_SUFFIX.match(r.model) and r.seed not in seeds]
         for r in stale:
             log.warning("leaving out %s: seed %d is not in params seeds %s", r.path, r.seed, list(seeds))
+        runs = [r for r in runs if r not in stale]
+    if ablations is not None:
+        stale = [r for r in runs if r.model.startswith("abl-") and r.model[4:] not in ablations]
+        for r in stale:
+            log.warning("leaving out %s: '%s' is not in params ablation_runs %s", r.path, r.model[4:], list(ablations))
         runs = [r for r in runs if r not in stale]
     unknown = sorted({r.group for r in runs} - KNOWN_GROUPS)
     for g in unknown:

@@ -23,7 +23,7 @@ from cmapkd.distill.ddp import init_distributed, shutdown_distributed
 from cmapkd.distill.runs import CMAPKD_STAGES, RUNS, run, run_chain
 from cmapkd.distill.trainer import NonFiniteLossError
 
-KEYS = ["seed", "seeds", "ablations", "baselines", "setting", "lambda1", "lambda2", "lambda3", "lambda4", "model", "loss", "cache_teacher", "distill"]
+KEYS = ["seed", "seeds", "ablations", "ablation_runs", "baselines", "setting", "lambda1", "lambda2", "lambda3", "lambda4", "model", "loss", "cache_teacher", "distill"]
 
 
 def main(argv: list[str] | None = None) -> int:
