@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quick smoke profile of the whole pipeline (under 5 minutes on 2 cores after set-up): one seed, two
-# baselines, one ablation, smaller splits (8 train steps per epoch, 200 test scenes), a shorter
+# baselines, one ablation, the stage-3 evaluation only, smaller splits (8 train steps per epoch, 200 test scenes), a shorter
 # teacher schedule and a smaller VQA-probe train set.
 # It is a DVC experiment of the default params: `dvc exp show` lists it next to the others, and
 # `dvc exp apply`/`git checkout params.yaml` go back. Extra arguments go to `dvc exp run`.
@@ -19,4 +19,5 @@ exec dvc exp run -n "quick" --force \
   -S 'teacher.epochs=5' \
   -S 'evaluate.vqa_probe.train_images=300' \
   -S 'ablation_runs=[onestage]' \
+  -S 'stage_evals=[stage3]' \
   "$@"

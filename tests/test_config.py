@@ -136,3 +136,9 @@ def test_ablation_runs_must_name_defined_ablations(tmp_path, good):
     good["ablation_runs"] = ["uniform", "p5onyl"]
     with pytest.raises(ParamsError, match=r"ablation_runs \['p5onyl'\] not defined under `ablations`"):
         load_params(path=write(tmp_path, good))
+
+
+def test_stage_evals_must_name_intermediate_stages(tmp_path, good):
+    good["stage_evals"] = ["stage3", "stage4b"]
+    with pytest.raises(ParamsError, match=r"stage_evals \['stage4b'\] unknown"):
+        load_params(path=write(tmp_path, good))

@@ -203,6 +203,19 @@ def test_cmapkd_reuses_the_teachers_figdata(teacher_run, cmapkd_runs, params, mo
     assert without_timing(m) == without_timing(cmapkd_runs[0][0])
 
 
+def test_cmapkd_without_figures_skips_the_arrays_and_the_teacher(cmapkd_runs, params, models, data_root,
+                                                                  teacher_dir, monkeypatch):
+    """Stage and ablation evaluations save no figure arrays, so they must not pay for them."""
+    def no_figures(*a, **k):
+        raise AssertionError("no figure arrays were asked for")
+
+    monkeypatch.setattr(R, "teacher_figure_arrays", no_figures)
+    monkeypatch.setattr(R, "cmapkd_figure_arrays", no_figures)
+    m, fig = evaluate(params, models["cmapkd-s0"], data_root, teacher_dir, figures=False)
+    assert fig is None
+    assert without_timing(m) == without_timing(cmapkd_runs[0][0])
+
+
 def test_scratch_model_has_metrics_but_no_figdata(params, models, data_root, teacher_dir, cmapkd_runs):
     m, fig = evaluate(params, models["scratch-s1"], data_root, teacher_dir)
     check_metrics(m, "scratch-s1", "scratch", 1)

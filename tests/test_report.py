@@ -331,3 +331,11 @@ def test_metrics_of_ablations_outside_params_are_left_out(metrics_dir: Path, tmp
     assert "(P5 only)" in (tmp_path / "with" / "table4.md").read_text(encoding="utf-8")
     assert "(P5 only)" not in (tmp_path / "without" / "table4.md").read_text(encoding="utf-8")
     assert kept["files"] and dropped["files"]
+
+
+def test_metrics_of_stages_outside_params_are_left_out(metrics_dir: Path, tmp_path: Path):
+    """`-S stage_evals=[stage3]` must not show the stage-1 row of an earlier full run."""
+    tables.write_tables(metrics_dir, tmp_path / "with", stages=["stage1"])
+    tables.write_tables(metrics_dir, tmp_path / "without", stages=["stage3"])
+    assert "after stage 1" in (tmp_path / "with" / "table4.md").read_text(encoding="utf-8")
+    assert "after stage 1" not in (tmp_path / "without" / "table4.md").read_text(encoding="utf-8")

@@ -377,6 +377,8 @@ class Params:
     ablations: dict[str, AblationVariant]
     # which of `ablations` the `ablation` DVC stages train (a list, so `dvc exp run -S` replaces it)
     ablation_runs: list[str]
+    # progressive stages of seed `seed` that the `evaluate_stage` DVC stages evaluate (Table 4 rows)
+    stage_evals: list[str]
     # which of the two settings this params file describes; the embedded default runs offline
     setting: Literal["embedded", "paper"]
     # METHOD.md section 4: L_total = l1*L_intra + l2*L_align + l3*L_relation + l4*L_task
@@ -582,6 +584,10 @@ def read_params_file(path: str | Path = PARAMS_FILE) -> dict:
     return raw
 
 
+# intermediate CMAPKD stages whose students can be evaluated on their own (the final one is cmapkd-sS)
+STAGE_EVALS = ("stage1", "stage2", "stage3", "stage4a")
+
+
 def load_params(
     keys: typing.Iterable[str] | None = None,
     path: str | Path = PARAMS_FILE,
@@ -607,6 +613,10 @@ def load_params(
         if unknown:
             raise ParamsError(f"{path}: ablation_runs {unknown} not defined under `ablations` "
                               f"(known: {sorted(params.ablations)})")
+    if params.stage_evals is not None:
+        bad = [x for x in params.stage_evals if x not in STAGE_EVALS]
+        if bad:
+            raise ParamsError(f"{path}: stage_evals {bad} unknown (choose from {list(STAGE_EVALS)})")
     return params
 
 

@@ -604,7 +604,7 @@ def _reuse_teacher_arrays(path: Path, idx: np.ndarray, teacher_sha: str, digest:
 def evaluate_model(params, model_dir: str | Path, data_root: str | Path, teacher_dir: str | Path,
                    device: torch.device | str = "cpu", figure_samples: int = 100, progress: bool = True,
                    *, teacher_figdata: str | Path | None = None,
-                   timings: dict | None = None) -> tuple[dict, dict | None]:
+                   timings: dict | None = None, figures: bool = True) -> tuple[dict, dict | None]:
     """Evaluate the model in `model_dir` (module docstring): returns `(metrics, figdata)`, metrics a
     flat dict with sorted keys of plain floats / ints / strings, figdata a dict of numpy arrays for a
     CMAPKD model or the teacher and None otherwise.
@@ -614,7 +614,8 @@ def evaluate_model(params, model_dir: str | Path, data_root: str | Path, teacher
     `teacher_figdata`: the teacher's own figdata file; when it matches (same teacher weights, data
     and subset) a CMAPKD model takes `teacher_levels` and `difficulty` from it instead of running
     the teacher (identical values, a few seconds saved per model). `timings`: a dict to receive the
-    seconds spent per part (load, retrieval, zeroshot, vqa_probe, efficiency, figdata, total)."""
+    seconds spent per part (load, retrieval, zeroshot, vqa_probe, efficiency, figdata, total).
+    `figures=False`: skip the figure arrays (figdata is None), e.g. when nobody saves them."""
     t_start = time.perf_counter()
     ev = params.evaluate
     device = torch.device(device)
@@ -649,7 +650,7 @@ def evaluate_model(params, model_dir: str | Path, data_root: str | Path, teacher
     t0 = lap("efficiency", t0)
 
     figdata = None
-    if loaded.is_teacher or loaded.method == "cmapkd":
+    if figures and (loaded.is_teacher or loaded.method == "cmapkd"):
         idx = figure_subset(len(test), figure_samples, ev.figure_seed)
         teacher_sha = str((teacher_spec(teacher_dir).get("identity") or {}).get("weights_sha256", ""))
         digest = str(read_info(data_root).get("digest", ""))

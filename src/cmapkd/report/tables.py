@@ -97,6 +97,7 @@ TABLE_IDS = (2, 3, 4, 5)
 TABLE_FILES = tuple(f"table{i}.{ext}" for i in TABLE_IDS for ext in ("md", "tex", "csv"))
 
 _SEED_SUFFIX = re.compile(r"^(?P<group>.+)-s(?P<seed>\d+)$")
+_STAGE_MODEL = re.compile(r"^cmapkd-(?P<stage>stage[1-4][ab]?)-s\d+$")
 
 
 class ReportError(ValueError):
@@ -672,12 +673,14 @@ def write_tables(
     dataset: str = "emojiscenes",
     seeds: list[int] | None = None,
     ablations: list[str] | None = None,
+    stages: list[str] | None = None,
 ) -> dict:
     """Load the metrics, build Tables 2-5 and write `TABLE_FILES` into `out_dir`.
 
     `seeds`: the training seeds of the current params; metrics of a seeded model (`<group>-s<N>`)
     with another seed are left out (files of an earlier `seeds` list stay in the metrics folder).
     `ablations`: params `ablation_runs`; metrics of other ablations (`abl-<name>`) are left out alike.
+    `stages`: params `stage_evals`; metrics of other intermediate stages (`cmapkd-<stage>-s<N>`) too.
     Returns a summary: the files written, the rows of each table, the groups ignored."""
     runs = load_runs(metrics_dir)
     if seeds is not None:
@@ -689,6 +692,11 @@ def write_tables(
         stale = [r for r in runs if r.model.startswith("abl-") and r.model[4:] not in ablations]
         for r in stale:
             log.warning("leaving out %s: '%s' is not in params ablation_runs %s", r.path, r.model[4:], list(ablations))
+        runs = [r for r in runs if r not in stale]
+    if stages is not None:
+        stale = [r for r in runs if _STAGE_MODEL.match(r.model) and _STAGE_MODEL.match(r.model)["stage"] not in stages]
+        for r in stale:
+            log.warning("leaving out %s: not in params stage_evals %s", r.path, list(stages))
         runs = [r for r in runs if r not in stale]
     unknown = sorted({r.group for r in runs} - KNOWN_GROUPS)
     for g in unknown:

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics, figdata = evaluate_model(params, args.model, args.data, args.teacher, device,
                                           figure_samples=params.evaluate.figure_samples,
                                           progress=not args.no_progress, teacher_figdata=args.teacher_figdata,
-                                          timings=times)
+                                          timings=times, figures=bool(args.figdata))
     except (ParamsError, EvaluationError, TeacherError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
