@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Quick smoke profile of the whole pipeline (under 5 minutes on 2 cores after set-up): one seed, two
-# baselines, one ablation, the stage-3 evaluation only, smaller splits (8 train steps per epoch, 200 test scenes), a shorter
-# teacher schedule and a smaller VQA-probe train set.
+# Quick smoke profile of the whole pipeline (about 5 minutes on 2 cores after set-up): one seed, two
+# baselines, one ablation, the stage-3 evaluation only, smaller splits (8 train steps per epoch,
+# 200 test scenes), a shorter teacher schedule and a smaller VQA-probe train set.
 # It is a DVC experiment of the default params: `dvc exp show` lists it next to the others, and
 # `dvc exp apply`/`git checkout params.yaml` go back. Extra arguments go to `dvc exp run`.
 set -euo pipefail
