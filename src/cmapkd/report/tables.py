@@ -97,7 +97,7 @@ TABLE_IDS = (2, 3, 4, 5)
 TABLE_FILES = tuple(f"table{i}.{ext}" for i in TABLE_IDS for ext in ("md", "tex", "csv"))
 
 _SEED_SUFFIX = re.compile(r"^(?P<group>.+)-s(?P<seed>\d+)$")
-_STAGE_MODEL = re.compile(r"^cmapkd-(?P<stage>stage[1-4][ab]?)-s\d+$")
+_STAGE_MODEL = re.compile(r"^cmapkd-(?P<stage>stage[1-3])-s\d+$")
 
 
 class ReportError(ValueError):
@@ -683,21 +683,23 @@ def write_tables(
     `stages`: params `stage_evals`; metrics of other intermediate stages (`cmapkd-<stage>-s<N>`) too.
     Returns a summary: the files written, the rows of each table, the groups ignored."""
     runs = load_runs(metrics_dir)
-    if seeds is not None:
-        stale = [r for r in runs if _SEED_SUFFIX.match(r.model) and r.seed not in seeds]
-        for r in stale:
-            log.warning("leaving out %s: seed %d is not in params seeds %s", r.path, r.seed, list(seeds))
-        runs = [r for r in runs if r not in stale]
-    if ablations is not None:
-        stale = [r for r in runs if r.model.startswith("abl-") and r.model[4:] not in ablations]
-        for r in stale:
-            log.warning("leaving out %s: '%s' is not in params ablation_runs %s", r.path, r.model[4:], list(ablations))
-        runs = [r for r in runs if r not in stale]
-    if stages is not None:
-        stale = [r for r in runs if _STAGE_MODEL.match(r.model) and _STAGE_MODEL.match(r.model)["stage"] not in stages]
-        for r in stale:
-            log.warning("leaving out %s: not in params stage_evals %s", r.path, list(stages))
-        runs = [r for r in runs if r not in stale]
+
+    def stage_of(model: str) -> str | None:
+        m = _STAGE_MODEL.match(model)
+        return m["stage"] if m else None
+
+    # files of an earlier, longer params list stay in the metrics folder: leave them out
+    current = [
+        ("seeds", seeds, lambda r: r.seed if _SEED_SUFFIX.match(r.model) else None),
+        ("ablation_runs", ablations, lambda r: r.model[4:] if r.model.startswith("abl-") else None),
+        ("stage_evals", stages, lambda r: stage_of(r.model)),
+    ]
+    for key, listed, member in current:
+        if listed is None:
+            continue
+        for r in [r for r in runs if member(r) is not None and member(r) not in listed]:
+            log.warning("leaving out %s: %r is not in params %s %s", r.path, member(r), key, list(listed))
+            runs.remove(r)
     unknown = sorted({r.group for r in runs} - KNOWN_GROUPS)
     for g in unknown:
         log.warning("ignoring metrics of unknown model group '%s' (%s)", g,
