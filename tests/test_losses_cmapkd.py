@@ -99,6 +99,24 @@ def test_pyramid_kl_zero_when_student_level_embeddings_equal_teacher_pools():
     assert float(TERMS["align_pyramid"](make_features(seed=3), ctx)) > 1e-3
 
 
+@pytest.mark.parametrize("vis, txt", [([1, 2, 3, 4], [1, 2, 3, 4]), ([3, 4], [4]), ([2], [1, 3])])
+def test_pyramid_kl_equals_the_per_pair_sum(vis, txt):
+    """The batched term is METHOD.md's (1/16) sum_ij alpha_ij KL(P_T(V_i, L_j) || P_S(V_i, L_j))
+    over the active pairs, each KL averaged over the batch's rows, with an asymmetric alpha."""
+    from cmapkd.losses.cmapkd import kl_rows
+
+    cfg = loss_params(vis_levels=vis, txt_levels=txt)
+    alpha = torch.arange(16, dtype=torch.float32).view(4, 4) / 8 + 0.1
+    ctx = ctx_for(cfg, alpha=alpha)
+    f = make_features(seed=5)
+    n = torch.nn.functional.normalize
+    scale = cfg.align_logit_scale / cfg.t_kd
+    want = sum(alpha[i - 1, j - 1] * kl_rows(scale * n(f["t_vis_pool"][:, i - 1], dim=-1) @ n(f["t_txt_pool"][:, j - 1], dim=-1).T,
+                                             scale * n(f["vis_emb"][:, i - 1], dim=-1) @ n(f["txt_emb"][:, j - 1], dim=-1).T)
+               for i in vis for j in txt) / 16
+    assert float(TERMS["align_pyramid"](f, ctx)) == pytest.approx(float(want), rel=1e-5)
+
+
 def test_intra_uses_weights_and_only_active_levels():
     f = make_features()
     cfg = loss_params(vis_levels=[4], txt_levels=[3, 4])

@@ -295,7 +295,8 @@ def train_vqa_probe(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         head = VQAProbeHead(img.shape[1], len(vocab), hidden, dropout).to(device)
-        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+        # fused: one kernel per step instead of ~10 small ops per tensor (a third of the probe's time on CPU)
+        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
         order_rng = torch.Generator().manual_seed(seed)
         history = []
         for _ in range(epochs):

