@@ -51,13 +51,24 @@ def test_embedded_teacher_image_tower_taps_and_preprocessing(teacher):
 def test_minilm_related_sentences_are_closer(teacher):
     tower = teacher.text
     ids, mask = tower.tokenize(["a cat sitting on a mat", "a kitten rests on a rug", "stock markets fell sharply today"])
+    k = int(mask.sum(1).argmin())
     assert ids.shape == (3, 32) and mask.dtype == torch.bool and mask[:, 0].all() and not mask[:, -1].any()
     with torch.no_grad():
         out = tower(ids, mask)
     s = F.normalize(out.pooled, dim=-1)  # L4 = the model's own mean pooling (sentence-transformers)
     assert float(s[0] @ s[1]) > float(s[0] @ s[2]) + 0.2
-    assert len(out.levels) == 4 and all(l.shape == (3, 32, 384) for l in out.levels)
+    # the padding after the longest sentence is dropped: its columns change no real token
+    n = int(mask.sum(1).max())
+    assert len(out.levels) == 4 and all(l.shape == (3, n, 384) for l in out.levels) and out.mask.shape == (3, n)
     assert out.embedding.shape == (3, 256)
+    with torch.no_grad():
+        full = tower.encoder(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
+        alone = tower(ids[k : k + 1], mask[k : k + 1])  # the shortest sentence alone: fewer columns
+    for lv, t in zip(out.levels, tower.taps):
+        assert torch.allclose(lv[mask[:, :n]], full[t][:, :n][mask[:, :n]], atol=1e-5)
+    assert alone.levels[0].shape[1] == int(mask[k].sum()) < n
+    assert torch.allclose(alone.embedding, out.embedding[k : k + 1], atol=1e-5)
+    assert torch.allclose(alone.pooled, out.pooled[k : k + 1], atol=1e-5)
 
 
 def test_student_open_clip_towers(student):
@@ -133,7 +144,7 @@ def test_truncated_text_tower_inherits_the_first_layers(teacher):
         assert torch.equal(a, b)
     ids, mask = short.tokenize(["a cat on a mat"])
     out = short(ids, mask)
-    embeddings = short.encoder.embeddings(input_ids=ids)
+    embeddings = short.encoder.embeddings(input_ids=ids)[:, : out.levels[0].shape[1]]  # padding trimmed
     assert torch.allclose(out.levels[0], embeddings, atol=1e-6)
     with pytest.raises(ValueError, match="text_layers 7 outside 1..6"):
         HFTextTower("package", [1, 2, 3, 4], 32, 64, num_layers=7)

@@ -58,6 +58,7 @@ from cmapkd.eval.retrieval import flatten_retrieval, recall_at_k
 from cmapkd.eval.vqa import answers_from_annotations, flatten_vqa, train_vqa_probe, vqa_accuracy
 from cmapkd.eval.zeroshot import build_zeroshot_weights, zeroshot_classify
 from cmapkd.models.encoders import DualEncoder
+from cmapkd.models.towers import length_order
 
 log = logging.getLogger("cmapkd.eval")
 
@@ -311,14 +312,14 @@ def embed_images(model: DualEncoder, images, batch_size: int, device: torch.devi
 def embed_texts(model: DualEncoder, texts: Sequence[str], batch_size: int, device: torch.device,
                 progress: bool = False, desc: str = "texts") -> Tensor:
     """L2-normalised final text embeddings [n, E] (float32, CPU), in order; each distinct text is
-    encoded once (VQA questions repeat a lot), in batches of similar token length (a tower that
-    drops the padding after a batch's longest text, as the BERT teacher does, then pads little)."""
+    encoded once (VQA questions repeat a lot), in batches of similar token length (the BERT
+    teacher drops the padding after a batch's longest text, `trim_padding`)."""
     unique = list(dict.fromkeys(texts))
     where = {t: i for i, t in enumerate(unique)}
     if not unique:
         return torch.zeros(0, model.image.embed_dim)
     ids, mask = model.tokenize(unique)
-    order = torch.argsort(mask.sum(dim=1), stable=True)
+    order = length_order(mask)
     emb = torch.empty(len(unique), model.image.embed_dim)
     starts = range(0, len(unique), batch_size)
     for s in _bar(starts, len(starts), desc, progress):
@@ -461,10 +462,10 @@ def efficiency_metrics(model: DualEncoder, ds: ImageTextDataset, latency, device
     """Parameters, FLOPs (FlopCounterMode, 2 per multiply-add, batch 1) and latency (median of
     `latency.repeats` calls after `latency.warmup`, batch 1 and 32) of `encode_image` on images
     already at the tower's input size (float [0, 1]: normalisation included, decoding and resizing
-    from the stored resolution not) and of the text tower on tokenised test captions padded to its
-    context length (tokenising not included; the full `forward`, not the trimmed `embed` that
-    evaluation uses, so every model's caption costs its full context). Inputs are the first test
-    images and captions, so every model sees the same."""
+    from the stored resolution not) and of `encode_text` on tokenised test captions (tokenising not
+    included). Inputs are the first test images and captions, so every model sees the same. A
+    causal CLIP text tower always runs its whole context; the BERT teacher skips the padding after
+    the longest caption of the batch (`trim_padding`), as it does in evaluation."""
     image, text, total = tower_params(model)
     n = max(LATENCY_BATCHES)
     size = model.image.image_size
@@ -477,14 +478,10 @@ def efficiency_metrics(model: DualEncoder, ds: ImageTextDataset, latency, device
     caps = (caps * -(-n // len(caps)))[:n]
     ids, mask = model.tokenize(caps)
     ids, mask = ids.to(device), mask.to(device)
-
-    def encode_text(i: Tensor, m: Tensor) -> Tensor:
-        return F.normalize(model.text(i, m).embedding, dim=-1)
-
     out: dict = {
         "params_image": int(image), "params_text": int(text), "params_total": int(total),
         "flops_per_image": float(count_flops(model.encode_image, x[:1]).per_item),
-        "flops_per_caption": float(count_flops(encode_text, ids[:1], mask[:1]).per_item),
+        "flops_per_caption": float(count_flops(model.encode_text, ids[:1], mask[:1]).per_item),
     }
     for b in LATENCY_BATCHES:
         r = measure_latency(model.encode_image, (x[:b],), latency.warmup, latency.repeats)
@@ -492,7 +489,7 @@ def efficiency_metrics(model: DualEncoder, ds: ImageTextDataset, latency, device
         if b == max(LATENCY_BATCHES):
             out["throughput_images_per_s"] = round(r.throughput, 3)
         out["device"], out["latency_threads"] = r.device, int(r.num_threads)
-        t = measure_latency(encode_text, (ids[:b], mask[:b]), latency.warmup, latency.repeats)
+        t = measure_latency(model.encode_text, (ids[:b], mask[:b]), latency.warmup, latency.repeats)
         out[f"latency_ms_text_b{b}"] = round(t.median_ms, 4)
     return out
 

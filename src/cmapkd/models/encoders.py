@@ -79,8 +79,7 @@ class DualEncoder(nn.Module):
         return F.normalize(e, dim=-1) if normalize else e
 
     def encode_text(self, ids: Tensor, mask: Tensor, normalize: bool = True) -> Tensor:
-        """Token ids and mask `[B, T]` (T <= context length) -> final text embeddings."""
-        e = self.text.embed(ids, mask)
+        e = self.text(ids, mask).embedding
         return F.normalize(e, dim=-1) if normalize else e
 
     def identity(self) -> dict:

@@ -21,6 +21,7 @@ from cmapkd.distill.batches import TokenizedCaptions, cache_identity
 from cmapkd.distill.cache import CacheWriter
 from cmapkd.distill.teacher import load_teacher
 from cmapkd.distill.views import make_views
+from cmapkd.models.towers import length_order
 from cmapkd.models.ucmp import compute_teacher_targets, pyramid_grids
 
 log = logging.getLogger("cmapkd.cache_teacher")
@@ -54,13 +55,20 @@ def build_cache(params, data_root: Path, teacher_dir: Path, out: Path, device: t
         captions = TokenizedCaptions(dataset, teacher.tokenize)
         m = len(captions.ids)
         bar = tqdm(total=m, desc="cache_teacher captions", unit="cap", disable=not progress)
-        for start in range(0, m, cfg.batch_size * 4):
-            ids = captions.ids[start : start + cfg.batch_size * 4].to(device)
-            mask = captions.mask[start : start + cfg.batch_size * 4].to(device)
+        chunk = cfg.batch_size * 16
+        for start in range(0, m, chunk):
+            ids, mask = captions.ids[start : start + chunk], captions.mask[start : start + chunk]
+            # batches of similar length inside the chunk (the text tower drops their common padding),
+            # written back in caption order
+            order = length_order(mask)
+            parts: list[dict] = []
             t0 = time.perf_counter()
-            targets = compute_teacher_targets(teacher, text_ids=ids, text_mask=mask)
+            for s in range(0, len(order), cfg.batch_size):
+                sel = order[s : s + cfg.batch_size]
+                parts.append(compute_teacher_targets(teacher, text_ids=ids[sel].to(device), text_mask=mask[sel].to(device)))
             forward_s += time.perf_counter() - t0
-            writer.writer("text").add(targets)
+            inverse = torch.argsort(order)
+            writer.writer("text").add({k: torch.cat([p[k] for p in parts])[inverse] for k in parts[0]})
             bar.update(len(ids))
         bar.close()
     total_s = time.perf_counter() - t_start
