@@ -58,7 +58,9 @@ from pathlib import Path
 _FALLBACK_KEYS = ["seed", "setting", "lambda1", "lambda2", "lambda3", "lambda4", "model", "loss", "cache_teacher", "distill"]
 VARIANTS = ("plain", "cached", "online")
 # what-if patches, applied inside a variant's own process only (never to the sources): a variant
-# name may carry them, e.g. `cached+channels_last+vec_align`; they back docs/benchmarks.md's suggestions
+# name may carry them, e.g. `cached+channels_last+vec_align`; they backed docs/benchmarks.md's
+# suggestions 1-3, which are in the sources since 2026-11-23 (so these three now change nothing;
+# the mechanism stays for the next what-if)
 PATCHES = {
     "nofill": "torch.utils.deterministic.fill_uninitialized_memory = False after runtime.seed_everything",
     "channels_last": "the student FPN and the visual intra adapters run in channels_last memory format",

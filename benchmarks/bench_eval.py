@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"process start-up (imports) per stage call: {start:.1f} s wall, {start_cpu:.1f} s CPU")
     print("quality of the timed models (a check that they were evaluated; the bench students have random weights):")
     for label, m in metrics_rows:
-        print(f"  {label:<{width}}  retrieval_mean {m['retrieval_mean']:.3f}  vqa_probe_overall {m['vqa_probe_overall']:.3f}")
+        vqa = "  ".join(f"{k[len('vqa_probe_'):]} {m[k]:.3f}" for k in R.VQA_KEYS if k in m)
+        print(f"  {label:<{width}}  retrieval_mean {m['retrieval_mean']:.3f}  VQA probe: {vqa}")
     t = {label: t for label, t in rows}
     if not args.model and "scratch / baseline" in t:
         teacher = t.get("teacher", {"total": 0.0, "cpu": 0.0})

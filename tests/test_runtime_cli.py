@@ -71,3 +71,26 @@ def test_params_stage_prints_overrides_and_rejects_bad_keys(project_root, capsys
     assert "lambda2: 0.3" in capsys.readouterr().out
     assert cli_main(["params", "--file", str(project_root / "params.yaml"), "-S", "lambda2=oops"]) == 2
     assert "key 'lambda2' expects float" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body, code, out", [
+    ("print('written', flush=False); logging.getLogger('x').warning('logged'); return 3", 3, "written"),
+    ("return None", 0, ""),
+])
+def test_run_stage_exits_with_mains_status_and_flushes(tmp_path, body, code, out):
+    """Stage entry points end with os._exit (no interpreter teardown): the status is main's, and
+    buffered output and log records still arrive."""
+    script = tmp_path / "stage.py"
+    script.write_text("import logging\nfrom cmapkd import runtime\nlogging.basicConfig()\n"
+                      f"def main():\n    {body}\nruntime.run_stage(main)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert r.returncode == code
+    assert r.stdout.strip() == out
+    assert ("logged" in r.stderr) == (code == 3)
+
+
+def test_run_stage_lets_an_exception_fail_the_process(tmp_path):
+    script = tmp_path / "stage.py"
+    script.write_text("from cmapkd import runtime\ndef main():\n    raise RuntimeError('boom')\nruntime.run_stage(main)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert r.returncode == 1 and "RuntimeError: boom" in r.stderr

@@ -190,3 +190,15 @@ def test_open_clip_teacher_writes_only_a_spec(params, data_root, tmp_path):
     torch.manual_seed(0)
     teacher = T.load_teacher(p.model, tmp_path / "t")
     assert not any(q.requires_grad for q in teacher.parameters())
+
+
+def test_recorded_identity_is_the_teachers_and_only_for_the_same_params(stage, params):
+    """Cached-target runs check the cache against spec.json's identity without building the teacher:
+    it must equal the identity of the teacher that load_teacher builds, and be refused (None) when
+    params describe another teacher."""
+    import dataclasses
+
+    assert T.recorded_identity(params.model, stage["out"]) == T.load_teacher(params.model, stage["out"]).identity()
+    other = dataclasses.replace(params.model.teacher, text_taps=[1, 2, 3, 6])
+    assert T.recorded_identity(other, stage["out"]) is None
+    assert T.recorded_identity(params.model, stage["out"].parent / "missing") is None

@@ -23,7 +23,7 @@ from cmapkd.distill.batches import DistillBatches, cache_identity
 from cmapkd.distill.cache import CacheReader
 from cmapkd.distill.cmapkd import CMAPKDDistiller
 from cmapkd.distill.ddp import DistInfo
-from cmapkd.distill.teacher import load_teacher
+from cmapkd.distill.teacher import load_teacher, recorded_identity
 from cmapkd.distill.trainer import TrainSpec, spec_fingerprint, train
 from cmapkd.eval.retrieval import flatten_retrieval, recall_at_k
 from cmapkd.losses.cmapkd import TERMS
@@ -184,17 +184,16 @@ def run(params, name: str, data_root: Path, teacher_dir: Path, cache_dir: Path |
     teacher, teacher_dims, cache = None, None, None
     needs_teacher = name != "scratch"
     if needs_teacher:
-        teacher = load_teacher(params.model, teacher_dir)
         if d.teacher_mode == "cached":
             if cache_dir is None:
                 raise ValueError(f"{name}: distill.teacher_mode is 'cached' but no cache folder was given")
-            expected = cache_identity(teacher.identity(), data_root, "train", params.model.student.image_size,
-                                      num_views, params.seed)
+            ident = recorded_identity(params.model, teacher_dir) or load_teacher(params.model, teacher_dir).identity()
+            expected = cache_identity(ident, data_root, "train", params.model.student.image_size, num_views, params.seed)
             cache = CacheReader(cache_dir, expected)
             teacher_dims = TeacherDims.from_targets({**cache.rows("image-v0", [0]), **cache.rows("text", [0])})
-            teacher = None  # cached targets replace the teacher's forward pass
+            # cached targets replace the teacher's forward pass: the teacher is never built
         else:
-            teacher = teacher.to(device)
+            teacher = load_teacher(params.model, teacher_dir).to(device)
     torch.manual_seed(seed)  # the initialisation of the student and the method's modules
     method = build_method(params, name, teacher, teacher_dims, variant)
     init_sha = ""

@@ -482,6 +482,20 @@ def read_spec(teacher_dir: str | Path) -> dict | None:
     return spec
 
 
+def recorded_identity(model_params, teacher_dir: str | Path) -> dict | None:
+    """The teacher identity the teacher stage recorded in spec.json, when that spec was written for
+    the teacher that params describe now (same `model.teacher` section); None otherwise (then build
+    the teacher with `load_teacher` and ask it). Lets a cached-target run check its cache without
+    building the 28 M-parameter teacher (~1 s a run): `load_teacher` already checked this identity
+    against the real weights when the cache stage ran."""
+    from cmapkd.config import to_dict
+
+    saved = read_spec(teacher_dir)
+    if not saved or "identity" not in saved or saved.get("encoder_spec") != to_dict(_encoder_spec(model_params)):
+        return None
+    return saved["identity"]
+
+
 def load_heads(teacher: DualEncoder, path: str | Path, expected: Sequence[str] | None = None) -> list[str]:
     """Load a teacher weights file into `teacher`, strictly: every head key and `_logit_scale` must be
     there (and exactly `expected` when given), every key must be a state-dict entry of the teacher,
