@@ -147,3 +147,29 @@ def test_ablation_chain_reuses_the_main_chain(project):
                    "--out", str(out)) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["started_at"] == "stage4b" and s["run"] == "stage4b" and s["level_weights"] == "uniform"
+
+
+def test_finished_ablation_chain_leaves_no_intermediates_and_reuse_keys_track_the_cache(project, tmp_path):
+    """A chain's intermediate stages serve only a resume after an interruption: once the chain has
+    finished they are gone (a later run, e.g. after a code change, cannot reuse them), and their
+    reuse key changes with the teacher cache."""
+    from cmapkd.config import AblationVariant, load_params
+    from cmapkd.distill.runs import _reuse_key
+
+    main1 = project / "models/main2-stage1"
+    assert distill(project, "--run", "stage1", "--out", str(main1)) == 0
+    out = project / "models/abl-p5only"
+    assert distill(project, "--ablation", "p5only", "--main-chain", str(project / "models/main2-{}"),
+                   "--out", str(out)) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["started_at"] == "stage2" and s["run"] == "stage4b"
+    assert not list((project / "scratch" / "abl-p5only").glob("out-*"))
+
+    params = load_params(["seed", "model", "loss", "distill", "lambda1", "lambda2", "lambda3", "lambda4"],
+                         path=project / "params.yaml")
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, text in ((a, '{"teacher": 1}'), (b, '{"teacher": 2}')):
+        d.mkdir()
+        (d / "identity.json").write_text(text)
+    key = lambda c: _reuse_key(params, "stage2", AblationVariant(vis_levels=[4]), main1, c)  # noqa: E731
+    assert key(a) == key(a) != key(b)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from cmapkd.config import AblationVariant, to_dict
 from cmapkd.data import ImageTextDataset
 from cmapkd.distill.baselines import BASELINES, baseline_lrs, build_baseline
 from cmapkd.distill.batches import DistillBatches, cache_identity
-from cmapkd.distill.cache import CacheReader
+from cmapkd.distill.cache import IDENTITY_FILE, CacheReader
 from cmapkd.distill.cmapkd import CMAPKDDistiller
 from cmapkd.distill.ddp import DistInfo
 from cmapkd.distill.teacher import load_teacher, recorded_identity
@@ -250,7 +251,8 @@ def run_chain(params, variant_name: str, variant: AblationVariant, data_root: Pa
     Stages whose plan the variant does not change are taken from the main chain (`main_chain`:
     run name -> its output folder, e.g. models/cmapkd-stage1-s0), so "uniform" only re-trains
     stage 4. Intermediate stages go to `scratch_root/<model>/out-<stage>` and are reused when
-    the chain is run again after an interruption; the last one is written to `out_dir`."""
+    the chain is run again after an interruption (same params, init weights and teacher cache);
+    the last one is written to `out_dir`, and a finished chain removes the intermediate ones."""
     model_id = Path(out_dir).name
     runs = chain(variant)
     start = next((i for i, n in enumerate(runs) if variant_changes_stage(params, variant, n)), len(runs) - 1)
@@ -265,7 +267,7 @@ def run_chain(params, variant_name: str, variant: AblationVariant, data_root: Pa
         last = name == runs[-1]
         stage_out = Path(out_dir) if last else Path(scratch_root) / model_id / f"out-{name}"
         live = Path(live_root) / name if live_root is not None else None
-        key = _reuse_key(params, name, variant, prev_dir)
+        key = _reuse_key(params, name, variant, prev_dir, cache_dir)
         done = stage_out / "summary.json"
         if not last and done.is_file() and json.loads(done.read_text()).get("reuse_key") == key:
             log.info("%s/%s: finished earlier in %s, reusing it", model_id, name, stage_out)
@@ -280,12 +282,18 @@ def run_chain(params, variant_name: str, variant: AblationVariant, data_root: Pa
     summary.update(ablation=variant_name, chain=runs, started_at=runs[start], model=model_id)
     if dist_info.is_main:
         (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        # the intermediate stages only serve a resume after an interruption: a finished chain leaves
+        # none behind, so a later run (after a code change, say) never reuses them
+        for name in runs[start:-1]:
+            shutil.rmtree(Path(scratch_root) / model_id / f"out-{name}", ignore_errors=True)
     return summary
 
 
-def _reuse_key(params, name: str, variant: AblationVariant, init_dir) -> str:
+def _reuse_key(params, name: str, variant: AblationVariant, init_dir, cache_dir=None) -> str:
+    ident = Path(cache_dir) / IDENTITY_FILE if cache_dir is not None else None
     blob = {"plan": to_dict(dataclasses.asdict(plan(params, name, variant))),
             "init": file_sha256(Path(init_dir) / "model.safetensors") if init_dir else "",
+            "cache": file_sha256(ident) if ident is not None and ident.is_file() else "",
             "params": {k: to_dict(getattr(params, k)) for k in ("seed", "model", "loss", "distill", "lambda1",
                                                                "lambda2", "lambda3", "lambda4")}}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
