@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("CMAPKD_DEVICE", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("CMAPKD_WARM", "0")  # no background warm-start servers; tests/test_warm.py turns it on
 
 from pathlib import Path  # noqa: E402
 

@@ -148,3 +148,14 @@ def test_truncated_text_tower_inherits_the_first_layers(teacher):
     assert torch.allclose(out.levels[0], embeddings, atol=1e-6)
     with pytest.raises(ValueError, match="text_layers 7 outside 1..6"):
         HFTextTower("package", [1, 2, 3, 4], 32, 64, num_layers=7)
+
+
+def test_length_batches_group_similar_lengths_and_restore_row_order():
+    from cmapkd.models.towers import length_batches
+
+    lengths = torch.tensor([5, 1, 9, 3, 3, 7, 2])
+    mask = (torch.arange(10)[None, :] < lengths[:, None]).long()
+    batches, inverse = length_batches(mask, 3)
+    assert [b.tolist() for b in batches] == [[1, 6, 3], [4, 0, 5], [2]]  # by length, ties in row order
+    results = [lengths[b] * 10 for b in batches]  # any per-row result computed batch by batch
+    assert torch.equal(torch.cat(results)[inverse], lengths * 10)

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmapkd.models.encoders import DualEncoder, build_encoder, freeze
-from cmapkd.models.towers import TowerOutput, length_order
+from cmapkd.models.towers import TowerOutput, length_batches
 from cmapkd.models.ucmp import language_levels
 
 log = logging.getLogger("cmapkd.teacher")
@@ -194,9 +194,8 @@ def extract_features(teacher: DualEncoder, ds, batch_size: int = 128, progress: 
                     img_levels[i].append(v.float().cpu())
             # captions in batches of similar length (the text tower drops the common padding), put back in order
             all_ids, all_mask = teacher.tokenize(captions)
-            order = length_order(all_mask)
-            for s in tqdm(range(0, len(captions), batch_size), desc=f"{desc} text features", disable=not progress, unit="batch"):
-                sel = order[s : s + batch_size]
+            batches, inverse = length_batches(all_mask, batch_size)
+            for sel in tqdm(batches, desc=f"{desc} text features", disable=not progress, unit="batch"):
                 out = teacher.text(all_ids[sel].to(device), all_mask[sel].to(device))
                 txt_final.append(hook_t.value.float().cpu())
                 for j, v in enumerate(language_levels(out)):
@@ -206,7 +205,6 @@ def extract_features(teacher: DualEncoder, ds, batch_size: int = 128, progress: 
         hook_t.remove()
     # clone: inference tensors cannot be saved for backward
     cat = lambda xs: torch.cat(xs).clone()  # noqa: E731
-    inverse = torch.argsort(order)
     in_order = lambda xs: torch.cat(xs)[inverse].clone()  # noqa: E731
     return Features(cat(img_final), [cat(v) for v in img_levels], in_order(txt_final), [in_order(v) for v in txt_levels],
                     offsets)

@@ -58,7 +58,7 @@ from cmapkd.eval.retrieval import flatten_retrieval, recall_at_k
 from cmapkd.eval.vqa import answers_from_annotations, flatten_vqa, train_vqa_probe, vqa_accuracy
 from cmapkd.eval.zeroshot import build_zeroshot_weights, zeroshot_classify
 from cmapkd.models.encoders import DualEncoder
-from cmapkd.models.towers import length_order
+from cmapkd.models.towers import length_batches
 
 log = logging.getLogger("cmapkd.eval")
 
@@ -319,11 +319,9 @@ def embed_texts(model: DualEncoder, texts: Sequence[str], batch_size: int, devic
     if not unique:
         return torch.zeros(0, model.image.embed_dim)
     ids, mask = model.tokenize(unique)
-    order = length_order(mask)
+    batches, _ = length_batches(mask, batch_size)
     emb = torch.empty(len(unique), model.image.embed_dim)
-    starts = range(0, len(unique), batch_size)
-    for s in _bar(starts, len(starts), desc, progress):
-        sel = order[s : s + batch_size]
+    for sel in _bar(batches, len(batches), desc, progress):
         emb[sel] = model.encode_text(ids[sel].to(device), mask[sel].to(device)).float().cpu()
     return emb[torch.tensor([where[t] for t in texts], dtype=torch.long)]
 

@@ -1,7 +1,6 @@
-"""Thin DVC stage entry points (`python -m cmapkd.stages.<name>`), one module per stage.
+"""Thin DVC stage entry points (`cmapkd <name>` = `python -m cmapkd.stages.<name>`), one module per stage.
 
-The registry below is what `cmapkd --help` lists. A stage is registered here only once it works;
-the rest of the pipeline is listed in PLANNED so the help output tells the truth about both.
+The registry below is what `cmapkd --help` lists and what `cmapkd <name>` runs.
 """
 
 from __future__ import annotations
@@ -12,13 +11,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "prepare": ("cmapkd.stages.prepare", "build the datasets (EmojiScenes, or COCO/Flickr30K/ImageNet/VQAv2 from local paths) as shards"),
     "teacher": ("cmapkd.stages.teacher", "train the embedded teacher's heads on frozen towers, or record the paper's ViT-L-14"),
     "cache_teacher": ("cmapkd.stages.cache_teacher", "cache frozen teacher targets for K seeded views of every training image and caption"),
+    "distill": ("cmapkd.stages.distill", "train: a CMAPKD stage (stage1-4b), a baseline (scratch, kd, ...) or an ablation chain"),
     "evaluate": ("cmapkd.stages.evaluate", "retrieval, zero-shot classification, VQA probe, efficiency and figure arrays of one model"),
     "tables": ("cmapkd.stages.tables", "Tables 2-5 (Markdown, LaTeX, CSV) from the saved metrics JSONs: mean +- std over seeds"),
     "figures": ("cmapkd.stages.figures", "Figures 3-6 (PNG, PDF) from the saved figdata arrays and the test images"),
 }
 
-# pipeline stages that later issues add (shown in --help as not yet available)
-PLANNED: dict[str, str] = {
-    "distill": "progressive distillation stages 1-4 and scratch (runs by hand, `python -m cmapkd.stages.distill --run stage1 --out models/stage1`; not yet in dvc.yaml)",
-    "baselines/ablations": "KD, FitNet, CLIP-KD, adapted PromptKD/C2KD/LLaVA-KD, Table 4 variants, seeds",
-}

@@ -21,7 +21,7 @@ from cmapkd.distill.batches import TokenizedCaptions, cache_identity
 from cmapkd.distill.cache import CacheWriter
 from cmapkd.distill.teacher import load_teacher
 from cmapkd.distill.views import make_views
-from cmapkd.models.towers import length_order
+from cmapkd.models.towers import length_batches
 from cmapkd.models.ucmp import compute_teacher_targets, pyramid_grids
 
 log = logging.getLogger("cmapkd.cache_teacher")
@@ -58,16 +58,12 @@ def build_cache(params, data_root: Path, teacher_dir: Path, out: Path, device: t
         chunk = cfg.batch_size * 16
         for start in range(0, m, chunk):
             ids, mask = captions.ids[start : start + chunk], captions.mask[start : start + chunk]
-            # batches of similar length inside the chunk (the text tower drops their common padding),
-            # written back in caption order
-            order = length_order(mask)
-            parts: list[dict] = []
+            # batches of similar length inside the chunk, written back in caption order
+            batches, inverse = length_batches(mask, cfg.batch_size)
             t0 = time.perf_counter()
-            for s in range(0, len(order), cfg.batch_size):
-                sel = order[s : s + cfg.batch_size]
-                parts.append(compute_teacher_targets(teacher, text_ids=ids[sel].to(device), text_mask=mask[sel].to(device)))
+            parts = [compute_teacher_targets(teacher, text_ids=ids[sel].to(device), text_mask=mask[sel].to(device))
+                     for sel in batches]
             forward_s += time.perf_counter() - t0
-            inverse = torch.argsort(order)
             writer.writer("text").add({k: torch.cat([p[k] for p in parts])[inverse] for k in parts[0]})
             bar.update(len(ids))
         bar.close()
