@@ -132,12 +132,16 @@ def test_the_server_key_follows_the_environment_but_not_the_stage_name(monkeypat
     assert warm.server_key("/repo") != k1
 
 
-def test_cmapkd_command_ends_with_the_stages_status(project_root, tmp_path):
-    bad = tmp_path / "params.yaml"
+def test_cmapkd_command_ends_with_the_stages_status(project_root, warm_env):
+    env, work, tmp = warm_env
+    bad = work / "params.yaml"
     bad.write_text((project_root / "params.yaml").read_text().replace("lambda2: 0.5", "lambda2: oops"))
-    for flag in ("0", "1"):
-        proc = subprocess.run([sys.executable, "-m", "cmapkd", "params", "--file", str(bad)], cwd=tmp_path,
-                              env=dict(os.environ, CMAPKD_WARM=flag, TMPDIR=tempfile.mkdtemp(prefix="cw", dir="/tmp")),
+    for attempt in ("cold", "cold, starts the server", "warm"):
+        if attempt == "warm":
+            _wait_for_server(tmp)
+        proc = subprocess.run([sys.executable, "-m", "cmapkd", "params", "--file", str(bad)], cwd=work,
+                              env=dict(env, CMAPKD_WARM="0" if attempt == "cold" else "1"),
                               capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2
-        assert "lambda2" in proc.stderr and "oops" in proc.stderr
+        assert proc.returncode == 2, attempt
+        assert "'lambda2' expects float, got str 'oops'" in proc.stderr, attempt
+    assert "cmapkd.stages.params --file" in _wait_for_server(tmp).read_text()  # the last one ran warm
