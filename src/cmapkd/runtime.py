@@ -78,7 +78,8 @@ def num_threads() -> int:
 
 
 def run_stage(main: Callable[[], int | None]) -> NoReturn:
-    """The `__main__` of `python -m cmapkd.stages.<stage>` (what dvc.yaml runs): run `main`, then end
+    """The `__main__` of `python -m cmapkd.stages.<stage>` and of `cmapkd <stage>` run in process
+    (`cli.launch`; dvc.yaml runs `cmapkd <stage>`): run `main`, then end
     the process without the interpreter's teardown. With torch, open_clip and transformers loaded,
     that teardown (module finalizers and a last garbage collection of a large heap) takes about 1 s:
     more than a minute over the ~80 stage processes of a full `dvc repro`. Every file a stage

@@ -150,15 +150,14 @@ def start_server(path: Path) -> None:
 
 
 def serve(path: Path, idle: float) -> int:
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if path.exists():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-            probe.close()
-            return 0  # another server is already listening
-        except OSError:
-            path.unlink(missing_ok=True)  # left by a server that was killed
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+                return 0  # another server is already listening
+            except OSError:
+                path.unlink(missing_ok=True)  # left by a server that was killed
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(str(path))
     except OSError:
