@@ -12,11 +12,13 @@ exec dvc exp run -n "quick" --force \
   -S 'seeds=[0]' \
   -S 'baselines.methods=[scratch,clipkd]' \
   -S 'prepare.emojiscenes.splits.train=512' \
+  -S 'prepare.emojiscenes.splits.teacher_extra=512' \
   -S 'prepare.emojiscenes.splits.val=100' \
   -S 'prepare.emojiscenes.splits.test=200' \
   -S 'prepare.emojiscenes.zeroshot_emoji=100' \
   -S 'prepare.emojiscenes.fashion_mnist=300' \
   -S 'teacher.epochs=5' \
+  -S 'student_init.epochs=5' \
   -S 'evaluate.vqa_probe.train_images=300' \
   -S 'ablation_runs=[onestage]' \
   -S 'stage_evals=[stage3]' \

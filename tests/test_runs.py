@@ -21,7 +21,8 @@ TINY = [
     "teacher.epochs=2", "teacher.batch_size=16", "teacher.feature_batch_size=32",
     "cache_teacher.batch_size=32", "distill.batch_size=16", "distill.ckpt_every=0", "distill.eval_batch_size=64",
     "distill.stage1.epochs=1", "distill.stage2.epochs=1", "distill.stage3.epochs=1",
-    "distill.stage4.policy_epochs=1", "distill.stage4.joint_epochs=1",
+    "distill.stage4.policy_epochs=1", "distill.stage4.joint_epochs=1", "teacher.splits=[train]",
+    "student_init.epochs=2", "student_init.batch_size=16", "student_init.feature_batch_size=32",
 ]
 
 
@@ -40,6 +41,8 @@ def project(tmp_path_factory) -> Path:
                          str(base / "teacher"), "--metrics", str(base / "teacher.json"), "--no-progress"]) == 0
     assert cache_main(["--params", str(base / "params.yaml"), "--data", str(base / "data"), "--teacher",
                        str(base / "teacher"), "--out", str(base / "cache"), "--no-progress"]) == 0
+    assert teacher_main(["--role", "student", "--params", str(base / "params.yaml"), "--data", str(base / "data"),
+                         "--out", str(base / "student_init"), "--metrics", "", "--no-progress"]) == 0
     return base
 
 
@@ -48,6 +51,7 @@ def distill(project: Path, *args: str, params: str = "params.yaml") -> int:
 
     return main(["--params", str(project / params), "--data", str(project / "data"), "--teacher",
                  str(project / "teacher"), "--cache", str(project / "cache"), "--scratch", str(project / "scratch"),
+                 "--student-init", str(project / "student_init"),
                  "--live", str(project / "dvclive"), "--no-progress", *args])
 
 

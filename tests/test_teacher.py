@@ -22,7 +22,8 @@ from cmapkd.models.encoders import build_encoder, freeze
 from cmapkd.models.ucmp import compute_teacher_targets, pyramid_grids
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["teacher.epochs=30", "teacher.batch_size=16", "teacher.feature_batch_size=32", "teacher.warmup_frac=0.1"]
+TINY = ["teacher.epochs=30", "teacher.batch_size=16", "teacher.feature_batch_size=32", "teacher.warmup_frac=0.1",
+        "teacher.splits=[train]"]
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +182,12 @@ def test_tuning_last_blocks_saves_and_loads_them(params, data_root, tmp_path):
 
 
 def test_open_clip_teacher_writes_only_a_spec(params, data_root, tmp_path):
-    """Paper-setting path (open_clip kind, here the tiny student config at random init: no hub)."""
-    p = dataclasses.replace(params, model=dataclasses.replace(params.model, teacher=params.model.student))
+    """Paper-setting path (open_clip kind, here a tiny open_clip config at random init: no hub)."""
+    from cmapkd.config import EncoderSpec
+
+    tiny = EncoderSpec(kind="open_clip", image_size=64, image_taps=[1, 2, 3, 4], text_taps=[1, 2, 3, 4],
+                       context_length=32, embed_dim=256, open_clip_model="CMAPKD-Tiny-8-64")
+    p = dataclasses.replace(params, model=dataclasses.replace(params.model, teacher=tiny))
     torch.manual_seed(0)
     m = T.run_teacher_stage(p, data_root, tmp_path / "t", None, progress=False)
     assert not m["trained"] and "val_random_heads" not in m and 0 <= m["val"]["retrieval_mean"] <= 1

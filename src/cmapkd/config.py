@@ -42,6 +42,9 @@ class SplitSizes:
     train: int
     val: int
     test: int
+    # extra scenes only the teacher sees (its heads train on train + these, `teacher.splits`): a teacher
+    # that knows more than the students' split, as a web-pretrained CLIP knows more than COCO
+    teacher_extra: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,11 @@ class EncoderSpec:
     text_pool: Literal["mean", "cls"] = "mean"  # the text model's own sentence pooling (L4)
     text_layers: int = 0  # towers: keep only the first N pretrained text layers (0 = all)
     checkpoint: str = ""
+    # towers, when trained as a student, [image, text]: -1 = every weight of that backbone trains;
+    # N >= 0 = only its last N blocks (EfficientNet MBConv blocks + conv_head; BERT layers) train with
+    # the heads, the blocks below stay fixed (no gradients, eval mode)
+    trainable_blocks: tuple[int, int] = (-1, -1)
+    freeze_bn: bool = False  # towers: BatchNorm statistics stay as pretrained while training (eval mode)
 
 
 @dataclass(frozen=True)
@@ -236,6 +244,7 @@ class TeacherParams:
     feature_batch_size: int  # images (or captions) per frozen-backbone forward
     level_pairs: Literal["all", "diagonal"] = "all"  # level InfoNCE over all 4x4 (P_i, L_j) pairs or only i == j
     tune_lr_scale: float = 0.1  # lr of the tuned backbone blocks = lr * tune_lr_scale
+    splits: list[Literal["train", "teacher_extra"]] = field(default_factory=lambda: ["train"])  # trained on
 
 
 @dataclass(frozen=True)
@@ -354,8 +363,9 @@ class BaselinesParams:
 
     # which baselines the `baseline` DVC stage trains (each once per seed of `seeds`)
     methods: list[Literal["scratch", "kd", "fitnet", "clipkd", "promptkd", "c2kd", "llavakd"]]
-    lr_student: float  # peak lr of the student (every baseline, scratch included)
-    lr_adapters: float  # peak lr of the student-side regressors / projections / proxies
+    # peak lr of each baseline (its student and its student-side regressors / projections / proxies),
+    # every one chosen by the same search on val (docs/lr_search.md); a key for every method
+    lr: dict[Literal["scratch", "kd", "fitnet", "clipkd", "promptkd", "c2kd", "llavakd"], float]
     task_weight: float  # weight of the CLIP task loss (open_clip ClipLoss) in every teacher-based baseline
     teacher_logit_scale: float  # the cache holds no teacher logit scale: teacher logits = this x cosine
     kd: KDBaselineParams
@@ -394,6 +404,9 @@ class Params:
     loss: LossParams
     # `teacher` stage: the embedded teacher's heads (src/cmapkd/distill/teacher.py, docs/teacher.md)
     teacher: TeacherParams
+    # `student_init` stage: the same routine aligns the student's heads on its own frozen towers before
+    # distillation (METHOD.md 1: the student starts as a working, weaker dual encoder)
+    student_init: TeacherParams
     # `cache_teacher` stage (src/cmapkd/stages/cache_teacher.py)
     cache_teacher: CacheTeacherParams
     # distillation stages 1-4 and the scratch baseline (src/cmapkd/stages/distill.py)

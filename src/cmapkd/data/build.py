@@ -27,7 +27,7 @@ from cmapkd.data.store import SPLITS, ShardWriter, atomic_dir, save_npy, sha256_
 log = logging.getLogger("cmapkd.data")
 
 DATASET_NAMES = {"emojiscenes": "emojiscenes", "coco_karpathy": "coco", "flickr30k_karpathy": "flickr30k"}
-SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
+SPLIT_CODES = {"train": 1, "val": 2, "test": 3, "teacher_extra": 4}
 EMOJI_TEMPLATES = ["an emoji of {}.", "a picture of {}.", "an icon of {}.", "a cartoon of {}."]
 VQA_LICENSE = {"name": "template-generated from EmojiScenes annotations", "url": ""}
 
@@ -61,6 +61,8 @@ def validate_prepare(p: PrepareParams, file: str | Path = PARAMS_FILE) -> None:
                 bad(f"emojiscenes.splits.{split}", f"must be >= 1, got {n}")
             if n >= 1_000_000:
                 bad(f"emojiscenes.splits.{split}", f"must be < 1000000, got {n}")
+        if not 0 <= e.splits.teacher_extra < 1_000_000:
+            bad("emojiscenes.splits.teacher_extra", f"must be in 0..999999, got {e.splits.teacher_extra}")
         if not 1 <= e.max_objects <= 9:
             bad("emojiscenes.max_objects", f"must be in 1..9 (a 3x3 grid), got {e.max_objects}")
         if e.captions_per_image < 1:
@@ -161,7 +163,9 @@ def build_emojiscenes(p: PrepareParams, seed: int, root: Path, progress: bool = 
                  "version": GENERATOR_VERSION, "template_generated": True},
         "license": VQA_LICENSE, "task_type": "Open-Ended", "data_type": "emojiscenes",
     }
-    for split in SPLITS:
+    # teacher_extra: scenes only the teacher's heads train on (drawn from their own streams, so the
+    # other splits are byte-identical with or without them)
+    for split in SPLITS + (("teacher_extra",) if e.splits.teacher_extra else ()):
         n = getattr(e.splits, split)
         tc = _type_counts(n, e.scene_mix)
         types = [t for t in SCENE_TYPES for _ in range(tc[t])]

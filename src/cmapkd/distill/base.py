@@ -53,7 +53,8 @@ class Distiller(nn.Module):
         for i, m in enumerate(self.group_modules()[name]):
             items = m.named_parameters() if isinstance(m, nn.Module) else [(f"param{i}", m)]
             for n, p in items:
-                if id(p) not in seen:
+                # weights a towers student keeps fixed (`DualEncoder.set_trainable_blocks`) are in no group
+                if id(p) not in seen and not getattr(p, "cmapkd_fixed", False):
                     seen.add(id(p))
                     out.append((n, p))
         return out

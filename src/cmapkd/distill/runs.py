@@ -153,10 +153,32 @@ def evaluate_retrieval(student: DualEncoder, dataset: ImageTextDataset, batch_si
     return flatten_retrieval(recall_at_k(torch.cat(img), torch.cat(txt), dataset.text_to_image()))
 
 
+def build_student(params, init_dir: Path | None = None) -> DualEncoder:
+    """The student a run starts from (METHOD.md 1): the `student_init` stage's encoder from
+    `init_dir` (embedded: pretrained towers with heads aligned on them; paper: open_clip from its
+    pretrained tag), or the bare `build_encoder` when `init_dir` is None (random heads; a stage
+    that loads a full trained state next). Then `model.student.trainable_blocks` / `freeze_bn`
+    decide which weights train."""
+    from cmapkd.distill.teacher import TeacherError
+
+    spec = params.model.student
+    if init_dir is None:
+        student = build_encoder(spec)
+    else:
+        try:
+            student = load_teacher(spec, init_dir)  # strict: every head key, shapes, recorded identity
+        except (TeacherError, FileNotFoundError) as e:
+            raise type(e)(f"student init: {e} (the student's start is written by `dvc repro student_init`)") from e
+        for prm in student.parameters():
+            prm.requires_grad_(True)
+        student.train()
+    return student.set_trainable_blocks(spec.trainable_blocks, spec.freeze_bn)
+
+
 def build_method(params, name: str, teacher: DualEncoder | None, teacher_dims: TeacherDims | None,
-                 variant: AblationVariant | None = None):
+                 variant: AblationVariant | None = None, student_init: Path | None = None):
     p = plan(params, name, variant)
-    student = build_encoder(params.model.student)
+    student = build_student(params, student_init)
     if p.method != "cmapkd":
         return build_baseline(name, params, student, teacher=teacher, teacher_dims=teacher_dims)
     loss_cfg = dataclasses.replace(params.loss, vis_levels=p.vis_levels, txt_levels=p.txt_levels,
@@ -170,7 +192,8 @@ def build_method(params, name: str, teacher: DualEncoder | None, teacher_dims: T
 def run(params, name: str, data_root: Path, teacher_dir: Path, cache_dir: Path | None, init_dir: Path | None,
         out_dir: Path, scratch_root: Path, live_root: Path | None, device: torch.device,
         dist_info: DistInfo = DistInfo(), progress: bool = True, seed: int | None = None,
-        variant: AblationVariant | None = None, model_id: str | None = None) -> dict:
+        variant: AblationVariant | None = None, model_id: str | None = None,
+        student_init: Path | None = None) -> dict:
     """Train run `name` and write `out_dir/model.safetensors` + `out_dir/summary.json`.
 
     `seed` is the training seed (sampling order, caption/view picks, initialisation); the data,
@@ -196,7 +219,7 @@ def run(params, name: str, data_root: Path, teacher_dir: Path, cache_dir: Path |
         else:
             teacher = load_teacher(params.model, teacher_dir).to(device)
     torch.manual_seed(seed)  # the initialisation of the student and the method's modules
-    method = build_method(params, name, teacher, teacher_dims, variant)
+    method = build_method(params, name, teacher, teacher_dims, variant, student_init)
     init_sha = ""
     if name in PREVIOUS:
         if init_dir is None:
@@ -215,6 +238,7 @@ def run(params, name: str, data_root: Path, teacher_dir: Path, cache_dir: Path |
         "baselines": to_dict(getattr(params, "baselines", None)) if p.method != "cmapkd" else None,
         "train_seed": seed,
         "init_sha": init_sha,
+        "student_init": _student_init_digest(student_init),
         "cache": cache.meta["identity"] if cache is not None else None,
         "world_size": dist_info.world_size,
     }
@@ -239,13 +263,22 @@ def run(params, name: str, data_root: Path, teacher_dir: Path, cache_dir: Path |
     return summary
 
 
+def _student_init_digest(init_dir: Path | None) -> str:
+    """Identity of the student's start (its spec.json records the weights digest)."""
+    if init_dir is None:
+        return ""
+    spec = Path(init_dir) / "spec.json"
+    return file_sha256(spec) if spec.is_file() else ""
+
+
 def variant_changes_stage(params, variant: AblationVariant, name: str) -> bool:
     return name == "onestage" or plan(params, name, variant) != plan(params, name, AblationVariant())
 
 
 def run_chain(params, variant_name: str, variant: AblationVariant, data_root: Path, teacher_dir: Path,
               cache_dir: Path | None, out_dir: Path, scratch_root: Path, live_root: Path | None, device: torch.device,
-              main_chain: dict | None = None, dist_info: DistInfo = DistInfo(), progress: bool = True) -> dict:
+              main_chain: dict | None = None, dist_info: DistInfo = DistInfo(), progress: bool = True,
+              student_init: Path | None = None) -> dict:
     """An ablation (seed `params.seed`): the CMAPKD runs of `variant` in one process.
 
     Stages whose plan the variant does not change are taken from the main chain (`main_chain`:
@@ -274,7 +307,7 @@ def run_chain(params, variant_name: str, variant: AblationVariant, data_root: Pa
             summary = json.loads(done.read_text())
         else:
             summary = run(params, name, data_root, teacher_dir, cache_dir, prev_dir, stage_out, scratch_root, live,
-                          device, dist_info, progress, None, variant, model_id)
+                          device, dist_info, progress, None, variant, model_id, student_init)
             summary["reuse_key"] = key
             if dist_info.is_main:
                 done.write_text(json.dumps(summary, indent=2, sort_keys=True))

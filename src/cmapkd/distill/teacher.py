@@ -79,23 +79,11 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
 
 
 def tuned_blocks(teacher: DualEncoder, n: int) -> list[nn.Module]:
-    """The last `n` blocks of each backbone (towers kind): EfficientNet's last n MBConv blocks plus
-    its conv_head/bn2 (which produce the pooled final features), MiniLM's last n layers."""
-    if n <= 0:
-        return []
-    out: list[nn.Module] = []
-    bb = getattr(teacher.image, "backbone", None)
-    enc = getattr(teacher.text, "encoder", None)
-    if bb is None or enc is None or not hasattr(bb, "blocks"):
-        raise ValueError("teacher.tune_last_blocks > 0 needs the towers kind (a timm CNN and a HF text encoder)")
-    blocks = [b for stage in bb.blocks for b in stage]
-    layers = list(enc.encoder.layer)
-    if n > len(blocks) or n > len(layers):
-        raise ValueError(f"teacher.tune_last_blocks = {n} > the backbones' depth ({len(blocks)} image blocks, {len(layers)} text layers)")
-    out += blocks[-n:]
-    out += [m for m in (getattr(bb, "conv_head", None), getattr(bb, "bn2", None)) if isinstance(m, nn.Module)]
-    out += layers[-n:]
-    return out
+    """The last `n` blocks of each backbone (towers kind; `DualEncoder.last_blocks`)."""
+    try:
+        return teacher.last_blocks(n)
+    except ValueError as e:
+        raise ValueError(f"teacher.tune_last_blocks = {n}: {e}") from e
 
 
 def trained_keys(teacher: DualEncoder, tune_last_blocks: int = 0) -> list[str]:
@@ -138,6 +126,20 @@ class Features:
     @property
     def n_images(self) -> int:
         return int(self.img_final.shape[0])
+
+    @staticmethod
+    def concat(parts: Sequence["Features"]) -> "Features":
+        """The rows of several splits as one (caption offsets shifted)."""
+        if len(parts) == 1:
+            return parts[0]
+        offsets, base = [parts[0].offsets[:1]], 0
+        for f in parts:
+            offsets.append(f.offsets[1:] + base)
+            base += int(f.offsets[-1])
+        return Features(torch.cat([f.img_final for f in parts]),
+                        [torch.cat([f.img_levels[i] for f in parts]) for i in range(4)],
+                        torch.cat([f.txt_final for f in parts]),
+                        [torch.cat([f.txt_levels[j] for f in parts]) for j in range(4)], torch.cat(offsets))
 
     def to(self, device) -> "Features":
         return Features(self.img_final.to(device), [v.to(device) for v in self.img_levels], self.txt_final.to(device),
@@ -569,12 +571,19 @@ def _rounded(d: dict[str, float], nd: int = 6) -> dict[str, float]:
     return {k: round(float(v), nd) for k, v in d.items()}
 
 
+ROLES = ("teacher", "student")
+
+
 def run_teacher_stage(params, data_root: str | Path, out_dir: str | Path, metrics_path: str | Path | None = None,
-                      progress: bool = True, device: torch.device | str | None = None) -> dict:
+                      progress: bool = True, device: torch.device | str | None = None, role: str = "teacher") -> dict:
     """The `teacher` stage: train (towers) or just record (open_clip) the teacher; write
     `out_dir/teacher.safetensors` (towers only) and `out_dir/spec.json` in one atomic folder
     replacement, and the metrics JSON. `params` needs seed, setting, model, teacher. Returns the
-    metrics dict."""
+    metrics dict.
+
+    `role="student"` is the `student_init` stage: the same routine on `model.student` with the
+    `student_init` recipe, so the student starts from its pretrained towers with aligned heads
+    (LiT-style) and the paper's open_clip student from its pretrained tag, recorded as it is."""
     from cmapkd import runtime
     from cmapkd.config import to_dict
     from cmapkd.data import ImageTextDataset, read_info
@@ -582,10 +591,19 @@ def run_teacher_stage(params, data_root: str | Path, out_dir: str | Path, metric
 
     t_start = time.perf_counter()
     device = torch.device(device) if device is not None else runtime.get_device()
-    spec, tp, seed = params.model.teacher, params.teacher, params.seed
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    spec = params.model.teacher if role == "teacher" else params.model.student
+    tp = params.teacher if role == "teacher" else params.student_init
+    seed = params.seed
     data_root, out_dir = Path(data_root), Path(out_dir)
     info = read_info(data_root)
-    train_ds, val_ds = ImageTextDataset(data_root, "train"), ImageTextDataset(data_root, "val")
+    # an open_clip encoder trains nothing here: only the train split is recorded
+    splits = list(tp.splits) if spec.kind == "towers" else ["train"]
+    if not splits:
+        raise ValueError(f"{role}: {'teacher' if role == 'teacher' else 'student_init'}.splits is empty")
+    train_sets = [ImageTextDataset(data_root, s) for s in splits]
+    train_ds, val_ds = train_sets[0], ImageTextDataset(data_root, "val")
     t2i = val_ds.text_to_image()
     fbs = tp.feature_batch_size
     if fbs < 1:
@@ -609,7 +627,7 @@ def run_teacher_stage(params, data_root: str | Path, out_dir: str | Path, metric
     elif tp.tune_last_blocks == 0:
         t0 = time.perf_counter()
         val_f = extract_features(teacher, val_ds, fbs, progress, device, "val")
-        train_f = extract_features(teacher, train_ds, fbs, progress, device, "train")
+        train_f = Features.concat([extract_features(teacher, ds, fbs, progress, device, ds.split) for ds in train_sets])
         times["features"] = time.perf_counter() - t0
         metrics["val_random_heads"] = _rounded(feature_retrieval(teacher, val_f.to(device), t2i))
         log_ = train_teacher(teacher, tp, seed, train_feats=train_f, device=device, progress=progress)
@@ -617,6 +635,8 @@ def run_teacher_stage(params, data_root: str | Path, out_dir: str | Path, metric
         metrics["val"] = _rounded(feature_retrieval(teacher, val_f.to(device), t2i))
         keys = trained_keys(teacher, 0)
     else:
+        if len(train_sets) > 1:
+            raise ValueError(f"{role}: tune_last_blocks > 0 trains on one split only, got splits {splits}")
         t0 = time.perf_counter()
         img, txt = encode_split(teacher, val_ds, fbs, device, progress, "val (random heads)")
         metrics["val_random_heads"] = _rounded(retrieval_metrics(img, txt, t2i))
@@ -642,8 +662,10 @@ def run_teacher_stage(params, data_root: str | Path, out_dir: str | Path, metric
         "weights_file": WEIGHTS_FILE if trains else None,
         "keys": keys,
         "training": {"seed": seed, **to_dict(tp)} if trains else None,
-        "data": {"root": str(data_root), "digest": info["digest"], "train_images": len(train_ds),
-                 "train_captions": len(train_ds.flat_captions()), "val_images": len(val_ds),
+        "role": role,
+        "data": {"root": str(data_root), "digest": info["digest"], "splits": splits,
+                 "train_images": sum(len(ds) for ds in train_sets),
+                 "train_captions": sum(len(ds.flat_captions()) for ds in train_sets), "val_images": len(val_ds),
                  "val_captions": len(t2i)},
         "metrics": {k: v for k, v in metrics.items() if k != "time_s"},
     }

@@ -69,6 +69,18 @@ def recall_at_k(
     image_emb [n_images, d], text_emb [n_texts, d] (tensors or arrays, normalised here);
     `text_to_image[j]` is the image index of caption j. Every image needs at least one caption.
     """
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    ranks = query_ranks(image_emb, text_emb, text_to_image, chunk_size, dtype)
+    return {d: {k: float((ranks[d] < k).double().mean()) for k in ks} for d in DIRECTIONS}
+
+
+def query_ranks(image_emb, text_emb, text_to_image: Sequence[int], chunk_size: int = 512,
+                dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """0-based rank of the best-ranked positive of every query: `{"i2t": [n_images], "t2i":
+    [n_texts]}` (a hit at k when rank < k). Per-query ranks are what paired comparisons of two
+    models resample (cmapkd.report.stats)."""
     img = as_unit_embeddings(image_emb, "image_emb", dtype)
     txt = as_unit_embeddings(text_emb, "text_emb", dtype)
     if img.shape[1] != txt.shape[1]:
@@ -85,9 +97,6 @@ def recall_at_k(
     if (n_caps == 0).any():
         i = int((n_caps == 0).nonzero()[0])
         raise ValueError(f"image {i} has no caption in text_to_image (i2t recall needs one per image)")
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
 
     t2i_rank = torch.empty(n_txt, dtype=torch.long)
     for s in range(0, n_txt, chunk_size):
@@ -102,8 +111,7 @@ def recall_at_k(
         positive = t2i[None, :] == torch.arange(s, s + scores.shape[0])[:, None]
         i2t_rank[s : s + chunk_size] = best_positive_rank(scores, positive)
 
-    ranks = {"i2t": i2t_rank, "t2i": t2i_rank}
-    return {d: {k: float((ranks[d] < k).double().mean()) for k in ks} for d in DIRECTIONS}
+    return {"i2t": i2t_rank, "t2i": t2i_rank}
 
 
 def flatten_retrieval(metrics: dict[str, dict[int, float]], prefix: str = "retrieval") -> dict[str, float]:

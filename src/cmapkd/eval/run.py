@@ -5,7 +5,9 @@
 `(metrics, figdata)`; `write_metrics` / `save_figdata` store them. Protocols and the full schemas:
 docs/evaluation.md.
 
-Models. `models/teacher` (spec.json, the teacher stage's output; loaded with `load_teacher`) or a
+Models. `models/student_init` (the student before any distillation, method `init`), `random` (the
+student architecture with random weights, method `random`: a reference), `models/teacher`
+(spec.json, the teacher stage's output; loaded with `load_teacher`) or a
 training run's folder: `model.safetensors` (the method's state dict: `student.*` is the student
 DualEncoder, other keys are the method's own modules) and `summary.json` (`run`, `method`,
 `seed`). A CMAPKD model is rebuilt as the whole distiller (`build_method(params, "stage4b", ...)`)
@@ -20,6 +22,7 @@ Metrics (plain floats / ints / strings, keys sorted):
 - VQA PROBE (frozen embeddings, answer head trained on the train split, scored on the test split,
   or on val when test has no questions): `vqa_probe_{overall,yes_no,number,other}` and
   `vqa_probe_split` (the split scored);
+- health: `img_emb_mean_cos`, `txt_emb_mean_cos` (mean pairwise cosine of the test embeddings);
 - efficiency: `params_{image,text,total}`, `flops_per_{image,caption}`,
   `latency_ms_{image,text}_b{1,32}`, `throughput_images_per_s`, `device`, `latency_threads`.
 
@@ -54,7 +57,7 @@ from torch import Tensor
 
 from cmapkd.data import ImageTextDataset, ZeroShotSet, load_vqa, read_info
 from cmapkd.eval.efficiency import count_flops, count_params, measure_latency
-from cmapkd.eval.retrieval import flatten_retrieval, recall_at_k
+from cmapkd.eval.retrieval import DIRECTIONS, flatten_retrieval, query_ranks
 from cmapkd.eval.vqa import answers_from_annotations, flatten_vqa, train_vqa_probe, vqa_accuracy
 from cmapkd.eval.zeroshot import build_zeroshot_weights, zeroshot_classify
 from cmapkd.models.encoders import DualEncoder
@@ -65,6 +68,9 @@ log = logging.getLogger("cmapkd.eval")
 MODEL_FILE = "model.safetensors"
 SUMMARY_FILE = "summary.json"
 TEACHER_METHOD = "teacher"
+INIT_METHOD = "init"  # the student as the student_init stage leaves it (pretrained towers, aligned heads)
+RANDOM_METHOD = "random"  # the student architecture with random weights (a reference, never trained)
+RANDOM_MODEL = "random"  # `--model random` evaluates it
 METHODS = ("cmapkd", "scratch", "kd", "fitnet", "clipkd", "promptkd", "c2kd", "llavakd")
 # runs of the CMAPKD chain whose summary.json may predate the `method` key
 _CMAPKD_RUNS = ("stage1", "stage2", "stage3", "stage4a", "stage4b", "onestage")
@@ -78,6 +84,8 @@ EFFICIENCY_KEYS = (
     "throughput_images_per_s", "device", "latency_threads",
 )
 IDENTITY_KEYS = ("model", "method", "seed")
+# collapse check: mean pairwise cosine of the test image / caption embeddings (1.0 = collapsed)
+HEALTH_KEYS = ("img_emb_mean_cos", "txt_emb_mean_cos")
 # wall-clock measurements: the only keys that differ between two runs on the same machine
 TIMING_KEYS = ("latency_ms_image_b1", "latency_ms_image_b32", "latency_ms_text_b1", "latency_ms_text_b32",
                "throughput_images_per_s")
@@ -95,7 +103,7 @@ def fraction_keys(zeroshot_sets: Sequence[str]) -> tuple[str, ...]:
 
 def metric_keys(zeroshot_sets: Sequence[str]) -> tuple[str, ...]:
     """Every key of a metrics JSON, sorted."""
-    return tuple(sorted(IDENTITY_KEYS + fraction_keys(zeroshot_sets) + EFFICIENCY_KEYS + ("vqa_probe_split",)))
+    return tuple(sorted(IDENTITY_KEYS + fraction_keys(zeroshot_sets) + EFFICIENCY_KEYS + HEALTH_KEYS + ("vqa_probe_split",)))
 
 
 # figure-data keys -> (shape, meaning); N samples, C student pyramid width, E teacher embedding width
@@ -238,9 +246,17 @@ def load_model(params, model_dir: str | Path, teacher_dir: str | Path, device: t
 
     model_dir, teacher_dir = Path(model_dir), Path(teacher_dir)
     device = torch.device(device)
+    if str(model_dir) == RANDOM_MODEL:
+        return LoadedModel(RANDOM_MODEL, RANDOM_METHOD, int(params.seed), freeze(random_student(params, params.seed).to(device)))
     if not model_dir.is_dir():
         raise EvaluationError(f"{model_dir}: model folder not found")
     name = model_dir.resolve().name
+    if is_teacher_dir(model_dir, teacher_dir) and teacher_spec(model_dir).get("role") == "student":
+        try:  # the student_init stage's folder: the student every run starts from
+            student = load_teacher(params.model.student, model_dir)
+        except (TeacherError, FileNotFoundError) as e:
+            raise EvaluationError(str(e)) from e
+        return LoadedModel(name, INIT_METHOD, int(params.seed), freeze(student.to(device)))
     if is_teacher_dir(model_dir, teacher_dir):
         try:
             teacher = load_teacher(params.model, model_dir)
@@ -275,6 +291,22 @@ def load_model(params, model_dir: str | Path, teacher_dir: str | Path, device: t
         raise EvaluationError(f"{weights_path}: the 'student.*' entries do not fit the student built "
                               f"from params (model.student): {e}") from e
     return LoadedModel(name, method, seed, freeze(student.to(device)))
+
+
+def random_student(params, seed: int) -> DualEncoder:
+    """The student architecture of `model.student` with every weight re-drawn from its module's own
+    initialiser (`reset_parameters`) under `seed`: no pretrained tower, no trained head. The
+    reference that shows what the VQA probe and zero-shot reach on features that carry nothing."""
+    from cmapkd.models.encoders import build_encoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        enc = build_encoder(params.model.student)
+        for m in enc.modules():
+            if hasattr(m, "reset_parameters") and m is not enc:
+                m.reset_parameters()
+    enc.name = f"{enc.name}:random-weights"
+    return enc
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,8 +363,30 @@ def embed_texts(model: DualEncoder, texts: Sequence[str], batch_size: int, devic
 # --------------------------------------------------------------------------------------------
 
 
-def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, text_to_image: Sequence[int]) -> dict[str, float]:
-    return flatten_retrieval(recall_at_k(image_emb, text_emb, text_to_image, ks=(1, 5, 10)))
+def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, text_to_image: Sequence[int],
+                      ranks_out: dict | None = None) -> dict[str, float]:
+    """Recall@1/5/10 both ways and their mean; `ranks_out` receives the per-query ranks."""
+    ranks = query_ranks(image_emb, text_emb, text_to_image)
+    if ranks_out is not None:
+        ranks_out.update({f"{d}_rank": ranks[d].numpy().astype(np.int32) for d in DIRECTIONS})
+        ranks_out["text_to_image"] = np.asarray(text_to_image, dtype=np.int32)
+    return flatten_retrieval({d: {k: float((ranks[d] < k).double().mean()) for k in (1, 5, 10)} for d in DIRECTIONS})
+
+
+def mean_pairwise_cosine(emb: Tensor) -> float:
+    """Mean cosine similarity over all pairs of distinct rows: 1.0 when every row points the same
+    way (a collapsed embedding), about 0 for unrelated directions."""
+    e = F.normalize(emb.double(), dim=-1)
+    n = e.shape[0]
+    if n < 2:
+        return float("nan")
+    total = (e.sum(0) @ e.sum(0)) - n  # sum over i != j of e_i . e_j
+    return float(total / (n * (n - 1)))
+
+
+def health_metrics(image_emb: Tensor, text_emb: Tensor) -> dict[str, float]:
+    """Collapse check of the test embeddings: `img_emb_mean_cos`, `txt_emb_mean_cos`."""
+    return {"img_emb_mean_cos": mean_pairwise_cosine(image_emb), "txt_emb_mean_cos": mean_pairwise_cosine(text_emb)}
 
 
 def zeroshot_metrics(model: DualEncoder, data_root: Path, names: Sequence[str], batch_size: int,
@@ -609,7 +663,8 @@ def _reuse_teacher_arrays(path: Path, idx: np.ndarray, teacher_sha: str, digest:
 def evaluate_model(params, model_dir: str | Path, data_root: str | Path, teacher_dir: str | Path,
                    device: torch.device | str = "cpu", figure_samples: int = 100, progress: bool = True,
                    *, teacher_figdata: str | Path | None = None,
-                   timings: dict | None = None, figures: bool = True) -> tuple[dict, dict | None]:
+                   timings: dict | None = None, figures: bool = True,
+                   ranks_out: dict | None = None) -> tuple[dict, dict | None]:
     """Evaluate the model in `model_dir` (module docstring): returns `(metrics, figdata)`, metrics a
     flat dict with sorted keys of plain floats / ints / strings, figdata a dict of numpy arrays for a
     CMAPKD model or the teacher and None otherwise.
@@ -620,7 +675,9 @@ def evaluate_model(params, model_dir: str | Path, data_root: str | Path, teacher
     and subset) a CMAPKD model takes `teacher_levels` and `difficulty` from it instead of running
     the teacher (identical values, a few seconds saved per model). `timings`: a dict to receive the
     seconds spent per part (load, retrieval, zeroshot, vqa_probe, efficiency, figdata, total).
-    `figures=False`: skip the figure arrays (figdata is None), e.g. when nobody saves them."""
+    `figures=False`: skip the figure arrays (figdata is None), e.g. when nobody saves them.
+    `ranks_out`: a dict to receive the per-query retrieval ranks (`i2t_rank`, `t2i_rank`,
+    `text_to_image`), which paired comparisons between models resample (cmapkd.report.stats)."""
     t_start = time.perf_counter()
     ev = params.evaluate
     device = torch.device(device)
@@ -641,7 +698,8 @@ def evaluate_model(params, model_dir: str | Path, data_root: str | Path, teacher
     img = embed_images(model, test.images, ev.batch_size, device, progress=progress, desc="test images")
     txt = embed_texts(model, test.flat_captions(), ev.batch_size, device, progress, "test captions")
     metrics: dict = {"model": loaded.name, "method": loaded.method, "seed": int(loaded.seed)}
-    metrics.update(retrieval_metrics(img, txt, test.text_to_image()))
+    metrics.update(retrieval_metrics(img, txt, test.text_to_image(), ranks_out))
+    metrics.update(health_metrics(img, txt))
     t0 = lap("retrieval", t0)
 
     metrics.update(zeroshot_metrics(model, data_root, ev.zeroshot, ev.batch_size, device, progress))
@@ -742,6 +800,7 @@ __all__ = [
     "CMAPKD_FIGDATA_KEYS",
     "EFFICIENCY_KEYS",
     "EvaluationError",
+    "HEALTH_KEYS",
     "FIGDATA_DOC",
     "IDENTITY_KEYS",
     "LoadedModel",

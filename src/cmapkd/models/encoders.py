@@ -102,6 +102,65 @@ class DualEncoder(nn.Module):
             "weights_sha256": h.hexdigest(),
         }
 
+    def train(self, mode: bool = True):
+        """Modules fixed by `set_trainable_blocks` (and frozen BatchNorm) stay in eval mode."""
+        super().train(mode)
+        for m in getattr(self, "_fixed_modules", []):
+            m.eval()
+        return self
+
+    def last_blocks(self, n: int, n_text: int | None = None) -> list[nn.Module]:
+        """The last `n` blocks of the image backbone and the last `n_text` (default `n`) layers of the
+        text encoder (towers kind): EfficientNet's last MBConv blocks plus its conv_head/bn2 (which
+        make the pooled final features; included when n > 0), the text encoder's last layers."""
+        n_text = n if n_text is None else n_text
+        if n <= 0 and n_text <= 0:
+            return []
+        bb = getattr(self.image, "backbone", None)
+        enc = getattr(self.text, "encoder", None)
+        if bb is None or enc is None or not hasattr(bb, "blocks"):
+            raise ValueError(f"{self.name}: training only the last blocks needs the towers kind (a timm CNN and a HF text encoder)")
+        blocks = [b for stage in bb.blocks for b in stage]
+        layers = list(enc.encoder.layer)
+        if n > len(blocks) or n_text > len(layers):
+            raise ValueError(f"{self.name}: {n} image / {n_text} text blocks > the backbones' depth "
+                             f"({len(blocks)} image blocks, {len(layers)} text layers)")
+        out: list[nn.Module] = []
+        if n > 0:
+            out += blocks[-n:]
+            out += [m for m in (getattr(bb, "conv_head", None), getattr(bb, "bn2", None)) if isinstance(m, nn.Module)]
+        return out + (layers[-n_text:] if n_text > 0 else [])
+
+    def set_trainable_blocks(self, blocks: int | list[int], freeze_bn: bool = False) -> "DualEncoder":
+        """For a towers student: `blocks` = [image, text] (or one int for both); a tower's n >= 0 fixes
+        every weight of its backbone except its last n blocks (`last_blocks`), n = -1 leaves it
+        trainable; the heads and the logit scale always train. Fixed weights get no gradient (so
+        autograd does no work below the first trained block), are left out of every optimizer group
+        (`Distiller.param_groups` skips them, `freeze_groups` never unfreezes them) and their modules
+        stay in eval mode. `freeze_bn` keeps every BatchNorm of the image backbone in eval mode
+        (pretrained statistics)."""
+        n_img, n_txt = (blocks, blocks) if isinstance(blocks, int) else (int(blocks[0]), int(blocks[1]))
+        fixed: list[nn.Module] = []
+        towers = [(getattr(self.image, "backbone", None), n_img), (getattr(self.text, "encoder", None), n_txt)]
+        if any(n >= 0 for _, n in towers):
+            last = self.last_blocks(max(n_img, 0), max(n_txt, 0))
+            trained = {id(p) for m in self.heads() + last for p in m.parameters()} | {id(self.logit_scale)}
+            for tower, n in towers:
+                if tower is None or n < 0:
+                    continue
+                for p in tower.parameters():
+                    if id(p) not in trained:
+                        p.requires_grad_(False)
+                        p.cmapkd_fixed = True
+                # modules with parameters and none of them trained (eval() recurses into children)
+                fixed += [m for m in tower.modules()
+                          if list(m.parameters()) and not any(id(p) in trained for p in m.parameters())]
+        if freeze_bn and hasattr(self.image, "backbone"):
+            fixed += [m for m in self.image.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._fixed_modules = fixed
+        self.train(self.training)
+        return self
+
     def heads(self) -> list[nn.Module]:
         """The projection heads a teacher stage trains on top of frozen backbones (towers kind)."""
         out: list[nn.Module] = []

@@ -253,6 +253,13 @@ def _stacked(ax, weights: np.ndarray, labels: tuple[str, ...]) -> None:
     ax.legend(handles[::-1], lab[::-1], loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, title="level")
 
 
+def weight_spread(fd: FigData) -> str:
+    """Std over the figure's samples of each level weight: does the ALSN weight samples differently?"""
+    sv = " ".join(f"{v:.3f}" for v in fd.alsn_w_v.std(axis=0))
+    sl = " ".join(f"{v:.3f}" for v in fd.alsn_w_l.std(axis=0))
+    return f"std over {len(fd.alsn_w_v)} samples: w_v P2-P5 {sv}; w_l L1-L4 {sl}"
+
+
 def figure3(fd: FigData, n_samples: int):
     """ALSN level weights of up to n_samples test samples, sorted by difficulty (easy -> hard)."""
     rows = select_by_difficulty(fd, n_samples)
@@ -261,7 +268,8 @@ def figure3(fd: FigData, n_samples: int):
     x = np.arange(len(rows))
     axd.plot(x, fd.difficulty[rows], color="0.25", linewidth=1.2)
     axd.set_ylabel("difficulty")
-    axd.set_title(f"ALSN level weights of {len(rows)} test samples, easy \u2192 hard ({fd.model})", parse_math=False)
+    axd.set_title(f"ALSN level weights of {len(rows)} test samples, easy \u2192 hard ({fd.model})\n{weight_spread(fd)}",
+                  parse_math=False)
     _stacked(axv, fd.alsn_w_v[rows], VIS_LEVELS)
     axv.set_ylabel("visual weight $w_v$")
     _stacked(axl, fd.alsn_w_l[rows], TXT_LEVELS)
@@ -342,7 +350,8 @@ def figure4(fd: FigData, images: Mapping[int, np.ndarray] | None):
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncol=3, frameon=False)
     per = "difficulty quarter" if list(reps) == list(QUARTERS) else "scene type"
-    fig.suptitle(f"ALSN level weights of one representative test sample per {per} ({fd.model})", fontsize=10)
+    fig.suptitle(f"ALSN level weights of one representative test sample per {per} ({fd.model})\n{weight_spread(fd)}",
+                 fontsize=9)
     fig.get_layout_engine().set(w_pad=0.12, wspace=0.06)
     return fig
 

@@ -85,7 +85,15 @@ ABLATIONS: tuple[tuple[str, str], ...] = (
     ("abl-norelation", "w/o relational distillation"),
     ("abl-onestage", "one-stage training (not progressive)"),
 )
-KNOWN_GROUPS = {TEACHER, *(g for g, _ in HEADLINE + PROGRESSIVE + ABLATIONS)}
+# reference rows, never trained by a method: the student as every run starts (student_init stage) and
+# the student architecture with random weights (what the probes reach on features that carry nothing)
+INIT, RANDOM = "init", "random"
+REFERENCES: tuple[tuple[str, str], ...] = (
+    (INIT, "Student at start (pretrained towers, aligned heads; no training)"),
+    (RANDOM, "Student with random weights"),
+)
+SCRATCH = "scratch"
+KNOWN_GROUPS = {TEACHER, *(g for g, _ in REFERENCES + HEADLINE + PROGRESSIVE + ABLATIONS)}
 
 DATASET_NAMES = {
     "emojiscenes": "EmojiScenes",
@@ -192,12 +200,13 @@ class Row:
 
     group: str
     name: str
-    role: Literal["teacher", "student"]
+    role: Literal["teacher", "reference", "student"]
     seeds: tuple[int, ...]
     mean: dict[str, float]
     std: dict[str, float | None]  # None when n == 1
     devices: tuple[str, ...]
     vqa_splits: tuple[str, ...] = ()
+    delta: object = None  # cmapkd.report.stats.Delta of retrieval_mean vs Scratch (Table 2), or None
 
     @property
     def n(self) -> int:
@@ -236,7 +245,7 @@ def aggregate(runs: list[Run], group: str, name: str) -> Row | None:
     return Row(
         group=group,
         name=name,
-        role="teacher" if group == TEACHER else "student",
+        role="teacher" if group == TEACHER else "reference" if group in (INIT, RANDOM) else "student",
         seeds=tuple(r.seed for r in mine),
         mean=mean,
         std=std,
@@ -249,7 +258,7 @@ def aggregate(runs: list[Run], group: str, name: str) -> Row | None:
 # Columns and cells
 # --------------------------------------------------------------------------------------------
 
-Kind = Literal["pct", "count_m", "flops", "ms", "rate", "reduction", "speedup"]
+Kind = Literal["pct", "count_m", "flops", "ms", "rate", "reduction", "speedup", "delta"]
 
 
 @dataclass(frozen=True)
@@ -270,6 +279,7 @@ class Col:
 class Cell:
     mean: float | None  # in display units (percent, millions, ...); None = not available
     std: float | None
+    ci: tuple[float, float] | None = None  # kind delta: the 95 % interval, display units
 
 
 @dataclass(frozen=True)
@@ -283,7 +293,7 @@ class Table:
     flops_unit: dict[str, str]  # column id -> "G" | "M" for flops columns
 
 
-_DECIMALS = {"pct": 1, "count_m": 2, "flops": 2, "ms": 2, "rate": 0, "reduction": 1, "speedup": 2}
+_DECIMALS = {"pct": 1, "count_m": 2, "flops": 2, "ms": 2, "rate": 0, "reduction": 1, "speedup": 2, "delta": 1}
 _SHOW_STD = {"pct", "ms", "rate"}  # params and FLOPs are the same for every seed of a model
 
 
@@ -293,6 +303,9 @@ def _flops_scale(unit: str) -> float:
 
 def _cell(row: Row, col: Col, teacher: Row | None, flops_unit: dict[str, str]) -> Cell:
     std = row.std.get(col.key) if col.kind in _SHOW_STD else None
+    if col.kind == "delta":  # points of mean recall vs Scratch, with the paired bootstrap interval
+        d = row.delta
+        return Cell(None, None) if d is None else Cell(d.diff * 100.0, None, (d.lo * 100.0, d.hi * 100.0))
     if col.kind == "pct":
         return Cell(row.mean[col.key] * 100.0, None if std is None else std * 100.0)
     if col.kind == "count_m":
@@ -302,11 +315,11 @@ def _cell(row: Row, col: Col, teacher: Row | None, flops_unit: dict[str, str]) -
     if col.kind in ("ms", "rate"):
         return Cell(row.mean[col.key], std)
     if col.kind == "reduction":  # params reduction vs the teacher, in percent
-        if teacher is None or row.role == "teacher" or teacher.mean[col.key] <= 0:
+        if teacher is None or row.role != "student" or teacher.mean[col.key] <= 0:
             return Cell(None, None)
         return Cell(100.0 * (1.0 - row.mean[col.key] / teacher.mean[col.key]), None)
     if col.kind == "speedup":  # teacher latency / this latency
-        if teacher is None or row.role == "teacher" or row.mean[col.key] <= 0:
+        if teacher is None or row.role != "student" or row.mean[col.key] <= 0:
             return Cell(None, None)
         return Cell(teacher.mean[col.key] / row.mean[col.key], None)
     raise AssertionError(col.kind)
@@ -355,8 +368,11 @@ def _seed_note() -> str:
     )
 
 
-def build_tables(runs: list[Run], headline_metric: str = "retrieval_mean", dataset: str = "emojiscenes") -> list[Table]:
-    """Tables 2-5 from the loaded runs (rows whose runs are missing are left out)."""
+def build_tables(runs: list[Run], headline_metric: str = "retrieval_mean", dataset: str = "emojiscenes",
+                 deltas: dict | None = None) -> list[Table]:
+    """Tables 2-5 from the loaded runs (rows whose runs are missing are left out). `deltas`: group ->
+    `stats.Delta` of its mean recall vs Scratch; Table 2 gets that column when given."""
+    import dataclasses
     zs = zeroshot_sets(runs)
     fractions = [*FRACTION_KEYS, *(f"zeroshot_{s}_{m}" for s in zs for m in ZEROSHOT_METRICS)]
     if headline_metric not in fractions:
@@ -365,12 +381,16 @@ def build_tables(runs: list[Run], headline_metric: str = "retrieval_mean", datas
         )
     ds = DATASET_NAMES.get(dataset, dataset)
     teacher = aggregate(runs, TEACHER, "Teacher")
+    init = aggregate(runs, INIT, REFERENCES[0][1])
+    random_ = aggregate(runs, RANDOM, REFERENCES[1][1])
     heads = tuple(r for g, n in HEADLINE if (r := aggregate(runs, g, n)) is not None)
+    heads_delta = tuple(dataclasses.replace(r, delta=(deltas or {}).get(r.group)) for r in heads)
     prog = tuple(r for g, n in PROGRESSIVE if (r := aggregate(runs, g, n)) is not None)
     abls = tuple(r for g, n in ABLATIONS if (r := aggregate(runs, g, n)) is not None)
     cmapkd = tuple(r for r in heads if r.group == "cmapkd")
     tblock = (teacher,) if teacher is not None else ()
-    main_blocks = tuple(b for b in (tblock, heads) if b)
+    refs = tuple(r for r in (teacher, init) if r is not None)
+    main_blocks = tuple(b for b in (refs, heads) if b)
 
     zs_note = "".join(f"{_zs_name(s)}: {ZEROSHOT_SETS[s][1] if s in ZEROSHOT_SETS else 'zero-shot set ' + s}. " for s in zs)
     splits = sorted({s for b in main_blocks for r in b for s in r.vqa_splits})
@@ -386,6 +406,9 @@ def build_tables(runs: list[Run], headline_metric: str = "retrieval_mean", datas
         caption=(
             f"Image-text retrieval, Recall@k (%) on the {ds} test split. {retrieval_protocol} "
             f"Mean: average of the six recalls. {_seed_note()}"
+            + (" Delta vs Scratch: mean recall minus Scratch's (points), seeds pooled, with a 95 % "
+               "paired bootstrap interval over test images (each with its captions; 2000 resamples); "
+               "an interval that contains 0 is no difference at this test-set size." if deltas else "")
         ),
         columns=(
             _pct("i2t_r1", "retrieval_i2t_r1", "R@1", "Image->Text"),
@@ -395,8 +418,9 @@ def build_tables(runs: list[Run], headline_metric: str = "retrieval_mean", datas
             _pct("t2i_r5", "retrieval_t2i_r5", "R@5", "Text->Image"),
             _pct("t2i_r10", "retrieval_t2i_r10", "R@10", "Text->Image"),
             _pct("mean", "retrieval_mean", "Mean"),
+            *((Col("delta_mean", "retrieval_mean", "Delta vs Scratch [95% CI]", "delta", None),) if deltas else ()),
         ),
-        blocks=main_blocks,
+        blocks=tuple(b for b in (refs, heads_delta) if b),
         empty_note="no metrics of the teacher or the headline models",
         flops_unit={},
     )
@@ -409,7 +433,8 @@ def build_tables(runs: list[Run], headline_metric: str = "retrieval_mean", datas
             f"of highest cosine similarity. {zs_note}VQA is a probe, not zero-shot: a small MLP answer "
             "head is trained on the frozen image and question embeddings of the train split with the "
             "same recipe for every model and scored with the VQAv2 accuracy on the questions of the "
-            f"{vqa_split} (overall and by answer type). {_seed_note()}"
+            f"{vqa_split} (overall and by answer type). The random-weight student (reference) shows "
+            f"what the probe and zero-shot reach on features that carry no training. {_seed_note()}"
         ),
         columns=(
             *(
@@ -422,7 +447,7 @@ def build_tables(runs: list[Run], headline_metric: str = "retrieval_mean", datas
             _pct("vqa_number", "vqa_probe_number", "Number", "VQA probe"),
             _pct("vqa_other", "vqa_probe_other", "Other", "VQA probe"),
         ),
-        blocks=main_blocks,
+        blocks=tuple(b for b in (refs + ((random_,) if random_ is not None else ()), heads) if b),
         empty_note="no metrics of the teacher or the headline models",
         flops_unit={},
     )
@@ -546,6 +571,11 @@ def _cell_text(cell: Cell, col: Col, fmt: Literal["md", "tex"], bold: bool) -> s
     if cell.mean is None:
         return "–" if fmt == "md" else "--"
     s = _fmt(cell.mean, col.kind)
+    if col.kind == "delta":
+        s = ("+" if cell.mean > 0 and float(s) != 0 else "") + s
+        if cell.ci is not None:
+            lo, hi = (("+" if v > 0 else "") + _fmt(v, "delta") for v in cell.ci)
+            s += f" [{lo}, {hi}]"
     if col.kind == "speedup":
         s += "×" if fmt == "md" else r"$\times$"
     if cell.std is not None:
@@ -573,7 +603,7 @@ def render_markdown(table: Table) -> str:
     if not flat:
         out.append("| " + " | ".join([f"({table.empty_note})", "", *[""] * len(table.columns)]) + " |")
     for i, r in enumerate(flat):
-        name = f"*{r.name} (reference)*" if r.role == "teacher" else r.name
+        name = f"*{r.name} (reference)*" if r.role != "student" else r.name
         vals = [_cell_text(cells[(i, j)], c, "md", i in bold[j]) for j, c in enumerate(table.columns)]
         out.append("| " + " | ".join([name, str(r.n), *vals]) + " |")
     return "\n".join(out) + "\n"
@@ -624,7 +654,7 @@ def render_latex(table: Table) -> str:
             lines.append("\\midrule")
         for r in block:
             name = _render(r.name, "tex")
-            if r.role == "teacher":
+            if r.role != "student":
                 name = f"\\textit{{{name}}}"
             vals = [_cell_text(cells[(i, j)], c, "tex", i in bold[j]) for j, c in enumerate(table.columns)]
             lines.append(" & ".join([name, str(r.n), *vals]) + " \\\\")
@@ -644,14 +674,16 @@ def render_csv(table: Table) -> str:
     w = csv.writer(buf, lineterminator="\n")
     head = ["block", "model", "method", "role", "n", "seeds"]
     for c in table.columns:
-        head += [c.id, f"{c.id}_std"]
+        head += [c.id, *((f"{c.id}_ci_lo", f"{c.id}_ci_hi") if c.kind == "delta" else (f"{c.id}_std",))]
     w.writerow(head)
     i = 0
     for bi, block in enumerate(table.blocks):
         for r in block:
             row = [bi, r.group, _render(r.name, "csv"), r.role, r.n, " ".join(map(str, r.seeds))]
-            for j, _ in enumerate(table.columns):
-                row += [_num(cells[(i, j)].mean), _num(cells[(i, j)].std)]
+            for j, c in enumerate(table.columns):
+                cell = cells[(i, j)]
+                extra = [_num(v) for v in (cell.ci or (None, None))] if c.kind == "delta" else [_num(cell.std)]
+                row += [_num(cell.mean), *extra]
             w.writerow(row)
             i += 1
     return buf.getvalue()
@@ -674,6 +706,7 @@ def write_tables(
     seeds: list[int] | None = None,
     ablations: list[str] | None = None,
     stages: list[str] | None = None,
+    ranks_dir: str | Path | None = None,
 ) -> dict:
     """Load the metrics, build Tables 2-5 and write `TABLE_FILES` into `out_dir`.
 
@@ -681,7 +714,9 @@ def write_tables(
     with another seed are left out (files of an earlier `seeds` list stay in the metrics folder).
     `ablations`: params `ablation_runs`; metrics of other ablations (`abl-<name>`) are left out alike.
     `stages`: params `stage_evals`; metrics of other intermediate stages (`cmapkd-<stage>-s<N>`) too.
-    Returns a summary: the files written, the rows of each table, the groups ignored."""
+    `ranks_dir`: per-query ranks (`<model>.npz`, evaluate's --ranks); Table 2 then gets every
+    student's difference in mean recall to Scratch with its paired bootstrap interval.
+    Returns a summary: the files written, the rows of each table, the groups ignored, the deltas."""
     runs = load_runs(metrics_dir)
 
     def stage_of(model: str) -> str | None:
@@ -704,7 +739,8 @@ def write_tables(
     for g in unknown:
         log.warning("ignoring metrics of unknown model group '%s' (%s)", g,
                     ", ".join(str(r.path) for r in runs if r.group == g))
-    tables = build_tables(runs, headline_metric, dataset)
+    deltas = deltas_vs_scratch(runs, ranks_dir) if ranks_dir is not None else {}
+    tables = build_tables(runs, headline_metric, dataset, deltas)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -717,4 +753,30 @@ def write_tables(
         "files": written,
         "rows": {t.number: [(r.group, r.n) for b in t.blocks for r in b] for t in tables},
         "ignored": unknown,
+        "deltas": deltas,
     }
+
+
+def deltas_vs_scratch(runs: list[Run], ranks_dir: str | Path) -> dict:
+    """group -> `stats.Delta` of its mean recall vs Scratch for every headline group (Scratch's seeds
+    pooled against the group's seeds pooled; `cmapkd.report.stats`). Empty without Scratch runs."""
+    from cmapkd.report.stats import RanksError, paired_delta, read_ranks
+
+    def ranks_of(group: str) -> list:
+        mine = sorted((r for r in runs if r.group == group), key=lambda r: r.seed)
+        try:
+            return [read_ranks(Path(ranks_dir) / f"{r.model}.npz") for r in mine]
+        except RanksError as e:
+            raise ReportError(str(e)) from e
+
+    base = ranks_of(SCRATCH)
+    if not base:
+        return {}
+    out = {}
+    for group, _ in HEADLINE:
+        if group != SCRATCH and any(r.group == group for r in runs):
+            try:
+                out[group] = paired_delta(ranks_of(group), base)
+            except RanksError as e:
+                raise ReportError(f"{ranks_dir}: {group} vs {SCRATCH}: {e}") from e
+    return out

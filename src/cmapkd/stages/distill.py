@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher", default="models/teacher")
     ap.add_argument("--cache", default="data/cache/teacher")
     ap.add_argument("--init", default=None, help="output folder of the previous stage")
+    ap.add_argument("--student-init", default="models/student_init",
+                    help="the student_init stage's folder: the student every run starts from ('' = bare build)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--metrics", default=None, help="also write the run's summary here (DVC metrics)")
     ap.add_argument("--scratch", default="scratch", help="resume checkpoints (git-ignored)")
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = Path(args.out)
         live = Path(args.live) / out.name
+        student_init = Path(args.student_init) if args.student_init else None
         if args.ablation is not None:
             if args.ablation not in params.ablations:
                 raise ValueError(f"{args.params}: no ablation '{args.ablation}' under `ablations` "
@@ -65,15 +68,16 @@ def main(argv: list[str] | None = None) -> int:
             main = {s: Path(args.main_chain.format(s)) for s in CMAPKD_STAGES} if args.main_chain else None
             summary = run_chain(params, args.ablation, params.ablations[args.ablation], Path(args.data),
                                 Path(args.teacher), Path(args.cache), out, Path(args.scratch), live, device, main,
-                                info, progress=not args.no_progress)
+                                info, progress=not args.no_progress, student_init=student_init)
         else:
             summary = run(params, args.run, Path(args.data), Path(args.teacher), Path(args.cache),
                           Path(args.init) if args.init else None, out, Path(args.scratch), live,
-                          device, info, progress=not args.no_progress, seed=args.seed)
+                          device, info, progress=not args.no_progress, seed=args.seed, student_init=student_init)
         if args.metrics and info.is_main:
             Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
             Path(args.metrics).write_text(json.dumps(summary, indent=2, sort_keys=True))
     except (CacheMismatchError, NonFiniteLossError, DataError, ParamsError, FileNotFoundError, ValueError) as e:
+        # (TeacherError, raised for a student_init folder that does not fit, is a ValueError)
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

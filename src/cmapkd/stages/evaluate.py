@@ -20,13 +20,16 @@ KEYS = ["seed", "setting", "model", "loss", "distill", "lambda1", "lambda2", "la
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cmapkd evaluate", description=__doc__)
-    ap.add_argument("--model", required=True, help="model folder: models/<id> (model.safetensors + summary.json) or models/teacher")
+    ap.add_argument("--model", required=True,
+                    help="model folder: models/<id> (model.safetensors + summary.json), models/teacher, "
+                         "models/student_init, or 'random' (the student architecture with random weights)")
     ap.add_argument("--data", default="data/processed/emojiscenes", help="processed dataset (prepare's output)")
     ap.add_argument("--teacher", default="models/teacher", help="the teacher stage's folder")
     ap.add_argument("--out", required=True, help="metrics JSON, e.g. reports/metrics/<id>.json")
     ap.add_argument("--figdata", default=None, help="figure arrays (.npz), written for CMAPKD models and the teacher")
     ap.add_argument("--teacher-figdata", default=None,
                     help="the teacher's figdata .npz: a CMAPKD model reuses its teacher arrays when they match")
+    ap.add_argument("--ranks", default=None, help="per-query retrieval ranks (.npz) for paired comparisons")
     ap.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: params.yaml)")
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -37,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from cmapkd.eval.run import EvaluationError, evaluate_model, save_figdata, write_metrics
 
     times: dict[str, float] = {}
+    ranks: dict = {}
     try:
         params = load_params(KEYS, path=args.params, overrides=args.set)
         runtime.configure_hub(params.setting)
@@ -45,11 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         metrics, figdata = evaluate_model(params, args.model, args.data, args.teacher, device,
                                           figure_samples=params.evaluate.figure_samples,
                                           progress=not args.no_progress, teacher_figdata=args.teacher_figdata,
-                                          timings=times, figures=bool(args.figdata))
+                                          timings=times, figures=bool(args.figdata), ranks_out=ranks)
     except (ParamsError, EvaluationError, TeacherError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     write_metrics(args.out, metrics)
+    if args.ranks:
+        save_figdata(args.ranks, ranks)  # the same deterministic .npz writer
     if args.figdata:
         if figdata is not None:
             save_figdata(args.figdata, figdata)

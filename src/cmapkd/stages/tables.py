@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key")
     ap.add_argument("--metrics", default="reports/metrics", help="folder of <model_id>.json metrics (evaluate's output)")
     ap.add_argument("--out", default="reports/tables", help="output folder (table2..table5 .md/.tex/.csv)")
+    ap.add_argument("--ranks", default=None, help="per-query ranks folder (evaluate's --ranks): Table 2's delta vs Scratch")
     args = ap.parse_args(argv)
     runtime.setup_logging()
     from cmapkd.report.tables import ReportError, write_tables
@@ -29,10 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(["seed", "seeds", "ablation_runs", "stage_evals", "prepare", "report"], path=args.params, overrides=args.set)
         summary = write_tables(args.metrics, args.out, params.report.headline_metric, params.prepare.format,
                                seeds=params.seeds, ablations=params.ablation_runs,
-                               stages=params.stage_evals)
+                               stages=params.stage_evals, ranks_dir=args.ranks)
     except (ParamsError, ReportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for group, d in summary["deltas"].items():
+        log.info("mean recall %s - scratch: %+.2f points [95%% CI %+.2f, %+.2f]", group, 100 * d.diff, 100 * d.lo, 100 * d.hi)
     for number, rows in summary["rows"].items():
         shown = ", ".join(f"{g} (n={n})" for g, n in rows) or "no rows"
         log.info("table %d: %s", number, shown)

@@ -1,0 +1,182 @@
+"""Regime and learning-rate search for the embedded default: which pretrained student, what trains,
+how fast, and whether any method moves it. Trains candidate regimes on the train split with the
+pipeline's own training runs (`cmapkd.distill.runs.run`: the same loop, losses, cache and schedule
+as `dvc repro`) and scores each on the val split, printing one Markdown table:
+
+    student | what trains | method | lr | steps | batch | ms/step | val mean recall (mean +- std over seeds)
+
+plus the val mean recall of the student at start (no training) for every candidate.
+
+    python benchmarks/regime_search.py                    # the regime table (docs/regime_search.md)
+    python benchmarks/regime_search.py --lr-search        # every method x the lr grid (docs/lr_search.md)
+
+Candidates are params overrides on top of params.yaml (`CANDIDATES`); a candidate whose student
+differs from params.yaml's gets its own `student_init` (the same routine as the DVC stage) and,
+when its resolution differs, its own teacher cache, both under --work. The teacher is
+`models/teacher` (run `dvc repro cache_teacher` first). CMAPKD runs its whole progressive chain
+(stages 1, 2, 3, 4a, 4b); the others their one run with as many student updates. The lr of a row
+is the peak lr of every trained group of a baseline; for CMAPKD it is stage 1's lr, and the later
+stages keep params.yaml's ratios to it (stage 2 2/3, stage 3 1/3, stage 4b 1/6; the ALSN's own lrs
+unchanged). Runs share nothing but the data, the teacher and the cache; each is seeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (what the student is, what trains, params overrides)
+CANDIDATES: dict[str, tuple[str, str, list[str]]] = {
+    "default": ("params.yaml student", "params.yaml", []),
+    "heads": ("Lite0 @ 64 px + MiniLM L1-3", "heads only", ["model.student.trainable_blocks=[0,0]"]),
+    "last2": ("Lite0 @ 64 px + MiniLM L1-3", "heads + last 2 blocks of both towers", ["model.student.trainable_blocks=[2,2]"]),
+    "img2": ("Lite0 @ 64 px + MiniLM L1-3", "heads + last 2 image blocks", ["model.student.trainable_blocks=[2,0]"]),
+    "img2txt1": ("Lite0 @ 64 px + MiniLM L1-3", "heads + last 2 image blocks + last text layer",
+                 ["model.student.trainable_blocks=[2,1]"]),
+    "all": ("Lite0 @ 64 px + MiniLM L1-3", "everything", ["model.student.trainable_blocks=[-1,-1]"]),
+    "last2-96": ("Lite0 @ 96 px + MiniLM L1-3", "heads + last 2 blocks of both towers",
+                 ["model.student.image_size=96", "model.student.trainable_blocks=[2,2]"]),
+}
+METHODS = ("scratch", "kd", "clipkd", "cmapkd")
+ALL_METHODS = ("scratch", "kd", "fitnet", "clipkd", "promptkd", "c2kd", "llavakd", "cmapkd")
+CHAIN = ("stage1", "stage2", "stage3", "stage4a", "stage4b")
+
+
+def describe_trainable(blocks) -> str:
+    def one(n, what):
+        return f"all of {what}" if n < 0 else (f"last {n} {what} blocks" if n else "")
+    parts = [x for x in (one(blocks[0], "image"), one(blocks[1], "text")) if x]
+    return "heads" + "".join(f" + {x}" for x in parts)
+
+
+def lr_overrides(method: str, lr: float) -> list[str]:
+    """The overrides that set a method's peak learning rate (module docstring)."""
+    if method != "cmapkd":
+        return [f"baselines.lr.{method}={lr}"]
+    return [f"distill.stage1.lr={lr}", f"distill.stage2.lr={lr * 2 / 3}", f"distill.stage3.lr={lr / 3}",
+            f"distill.stage4.lr_student={lr / 6}", f"distill.stage4.lr_adapters={lr / 6}"]
+
+
+def prepare_candidate(name: str, overrides: list[str], work: Path, data: Path, teacher: Path, device) -> tuple[Path, Path, dict]:
+    """(student_init folder, cache folder, val metrics of the student at start) of a candidate."""
+    from cmapkd.config import load_params, to_dict
+    from cmapkd.distill.teacher import read_spec, run_teacher_stage
+    from cmapkd.stages.cache_teacher import build_cache
+
+    params = load_params(overrides=overrides)
+    default = load_params()
+    # student_init does not depend on what trains: key it by the student spec without those fields
+    spec = {k: v for k, v in to_dict(params.model.student).items() if k not in ("trainable_blocks", "freeze_bn")}
+    key = json.dumps(spec, sort_keys=True)
+    init = ROOT / "models" / "student_init"
+    saved = read_spec(init) if init.is_dir() else None
+    same = saved is not None and {k: v for k, v in saved["encoder_spec"].items()
+                                  if k not in ("trainable_blocks", "freeze_bn")} == spec
+    if not same:
+        init = work / f"init-{abs(hash(key)) % 10**8}"
+        if not (init / "spec.json").is_file():
+            run_teacher_stage(params, data, init, progress=False, device=device, role="student")
+    metrics = (read_spec(init) or {}).get("metrics", {}).get("val", {})
+    cache = ROOT / "data" / "cache" / "teacher"
+    if params.model.student.image_size != default.model.student.image_size:
+        cache = work / f"cache-{params.model.student.image_size}"
+        if not (cache / "identity.json").is_file():
+            build_cache(params, data, teacher, cache, device, progress=False)
+    return init, cache, metrics
+
+
+def train_one(params, method: str, seed: int, init: Path, cache: Path, data: Path, teacher: Path, work: Path,
+              device) -> dict:
+    """One method run (CMAPKD: its chain); returns val metrics, steps and seconds of training."""
+    from cmapkd.distill.runs import run
+
+    out = work / "runs" / f"{method}-s{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0, steps, prev = time.perf_counter(), 0, None
+    for name in (CHAIN if method == "cmapkd" else (method,)):
+        stage_out = out / name
+        s = run(params, name, data, teacher, cache, prev, stage_out, work / "scratch", None, device,
+                progress=False, seed=seed, model_id=f"search-{method}-s{seed}", student_init=init)
+        steps += s["steps"] if name != "stage4a" else 0  # 4a trains only the ALSN (no student update)
+        prev = stage_out
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    return {"val": s["val"]["retrieval_mean"], "steps": steps, "seconds": seconds}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--candidates", nargs="+", default=None, choices=list(CANDIDATES),
+                    help="default: heads last2 (regime search); default (lr search)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(ALL_METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--lrs", nargs="+", type=float, default=None, help="default: 1e-3 (regime); 3e-4 1e-3 3e-3 (lr search)")
+    ap.add_argument("--lr-search", action="store_true",
+                    help="every method x the lrs (candidates default: params.yaml's student)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra params override for all runs")
+    ap.add_argument("--data", type=Path, default=ROOT / "data/processed/emojiscenes")
+    ap.add_argument("--teacher", type=Path, default=ROOT / "models/teacher")
+    ap.add_argument("--work", type=Path, default=ROOT / "scratch/regime_search")
+    ap.add_argument("--json", type=Path, default=None, help="also write every run's numbers here")
+    args = ap.parse_args()
+
+    from cmapkd import runtime
+    from cmapkd.config import load_params
+
+    runtime.setup_logging()
+    runtime.configure_hub("embedded")
+    torch.set_num_threads(torch.get_num_threads())
+    device = torch.device("cpu")
+    if args.lr_search:
+        args.methods = list(ALL_METHODS)
+    if args.lrs is None:
+        args.lrs = [3e-4, 1e-3, 3e-3] if args.lr_search else [1e-3]
+    if args.candidates is None:
+        args.candidates = ["default"] if args.lr_search else ["heads", "last2"]
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows, records = [], []
+    for cand in args.candidates:
+        student, trains, overrides = CANDIDATES[cand]
+        overrides = overrides + args.set
+        init, cache, start = prepare_candidate(cand, overrides, args.work, args.data, args.teacher, device)
+        if cand == "default":
+            p = load_params(overrides=overrides)
+            trains = describe_trainable(p.model.student.trainable_blocks)
+            student = f"params.yaml student ({p.model.student.image_model} @ {p.model.student.image_size} px)"
+        rows.append((student, trains, "start (no training)", "", 0, "", "", f"{100 * start.get('retrieval_mean', float('nan')):.1f}"))
+        for method in args.methods:
+            for lr in args.lrs:
+                params = load_params(overrides=overrides + lr_overrides(method, lr))
+                got = []
+                for seed in args.seeds:
+                    r = train_one(params, method, seed, init, cache, args.data, args.teacher, args.work, device)
+                    got.append(r)
+                    records.append({"candidate": cand, "method": method, "lr": lr, "seed": seed, **r})
+                    print(f"# {cand} {method} lr={lr:g} seed={seed}: val mean recall {100 * r['val']:.2f} "
+                          f"({r['steps']} steps, {r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+                vals = np.array([g["val"] for g in got]) * 100
+                std = f" ± {vals.std(ddof=1):.1f}" if len(vals) > 1 else ""
+                ms = 1000 * sum(g["seconds"] for g in got) / max(1, sum(g["steps"] for g in got))
+                rows.append((student, trains, method, f"{lr:g}", got[0]["steps"], params.distill.batch_size,
+                             f"{ms:.0f}", f"{vals.mean():.1f}{std}"))
+    print(f"seeds {' '.join(map(str, args.seeds))}; val split; ms/step includes the val evaluation and start-up of each run\n")
+    print("| student | what trains | method | lr | steps | batch | ms/step | val mean recall (%) |")
+    print("|---|---|---|---|--:|--:|--:|--:|")
+    for r in rows:
+        print("| " + " | ".join(str(x) for x in r) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
