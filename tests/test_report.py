@@ -360,7 +360,7 @@ def test_table2_delta_vs_scratch_and_reference_rows(metrics_dir: Path, tmp_path:
         _write_ranks(ranks, f"cmapkd-s{s}", [0] * n, [0] * (2 * n))
     _write_ranks(ranks, "promptkd-s0", [0] * (n // 2) + [50] * (n // 2), [50] * (2 * n))  # i2t half: +25 points
     _write_ranks(ranks, "c2kd-s0", [50] * n, [50] * (2 * n))
-    write_metrics(metrics_dir, "init", 0, 0.31)
+    write_metrics(metrics_dir, "student_init", 0, 0.31, method="init")
     write_metrics(metrics_dir, "random", 0, 0.99)  # a reference is never bold, even when highest
     out = tmp_path / "tables"
     summary = tables.write_tables(metrics_dir, out, ranks_dir=ranks)

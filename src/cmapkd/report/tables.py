@@ -87,7 +87,7 @@ ABLATIONS: tuple[tuple[str, str], ...] = (
 )
 # reference rows, never trained by a method: the student as every run starts (student_init stage) and
 # the student architecture with random weights (what the probes reach on features that carry nothing)
-INIT, RANDOM = "init", "random"
+INIT, RANDOM = "student_init", "random"  # model ids: the student_init folder's name, and `--model random`
 REFERENCES: tuple[tuple[str, str], ...] = (
     (INIT, "Student at start (pretrained towers, aligned heads; no training)"),
     (RANDOM, "Student with random weights"),
