@@ -137,3 +137,22 @@ def test_paired_delta_values():
     assert paired_delta([c], [b]) == d2  # deterministic
     with pytest.raises(RanksError, match="same test split"):
         paired_delta([a], [_ranks([0, 0, 0], [0] * 6, np.repeat(np.arange(3), 2))])
+
+
+def test_features_concat_shifts_caption_offsets():
+    """The teacher's heads train on train + teacher_extra: rows concatenate, image i of the second
+    split keeps its own captions."""
+    from cmapkd.distill.teacher import Features
+
+    def feats(n_img, caps, base):
+        off = torch.tensor([0, *np.cumsum(caps).tolist()])
+        m = int(off[-1])
+        return Features(torch.full((n_img, 2), base), [torch.full((n_img, 3), base)] * 4,
+                        torch.arange(m).float()[:, None] + 100 * base, [torch.zeros(m, 5)] * 4, off)
+
+    a, b = feats(2, [1, 2], 0.0), feats(3, [2, 1, 1], 1.0)
+    c = Features.concat([a, b])
+    assert c.n_images == 5 and c.offsets.tolist() == [0, 1, 3, 5, 6, 7]
+    # image 3 (b's image 1) owns caption rows 5:6, which are b's caption row 2
+    assert c.txt_final[c.offsets[3] : c.offsets[4], 0].tolist() == [102.0]
+    assert Features.concat([a]) is a
