@@ -382,3 +382,11 @@ def test_table2_delta_vs_scratch_and_reference_rows(metrics_dir: Path, tmp_path:
     (ranks / "c2kd-s0.npz").unlink()
     with pytest.raises(ReportError, match="c2kd-s0.npz"):
         tables.write_tables(metrics_dir, out, ranks_dir=ranks)
+
+
+def test_metrics_of_baselines_not_in_params_are_left_out(metrics_dir: Path, tmp_path: Path):
+    """A quick profile (fewer baselines.methods) must not mix in the committed files of other baselines."""
+    out = tmp_path / "tables"
+    summary = tables.write_tables(metrics_dir, out, methods=["scratch"])
+    groups = {g for g, _ in summary["rows"][2]}
+    assert "scratch" in groups and "cmapkd" in groups and not groups & {"promptkd", "c2kd"}

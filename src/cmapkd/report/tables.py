@@ -707,6 +707,7 @@ def write_tables(
     ablations: list[str] | None = None,
     stages: list[str] | None = None,
     ranks_dir: str | Path | None = None,
+    methods: list[str] | None = None,
 ) -> dict:
     """Load the metrics, build Tables 2-5 and write `TABLE_FILES` into `out_dir`.
 
@@ -714,6 +715,7 @@ def write_tables(
     with another seed are left out (files of an earlier `seeds` list stay in the metrics folder).
     `ablations`: params `ablation_runs`; metrics of other ablations (`abl-<name>`) are left out alike.
     `stages`: params `stage_evals`; metrics of other intermediate stages (`cmapkd-<stage>-s<N>`) too.
+    `methods`: params `baselines.methods`; metrics of other baselines (`<method>-s<N>`) are left out alike.
     `ranks_dir`: per-query ranks (`<model>.npz`, evaluate's --ranks); Table 2 then gets every
     student's difference in mean recall to Scratch with its paired bootstrap interval.
     Returns a summary: the files written, the rows of each table, the groups ignored, the deltas."""
@@ -728,6 +730,8 @@ def write_tables(
         ("seeds", seeds, lambda r: r.seed if _SEED_SUFFIX.match(r.model) else None),
         ("ablation_runs", ablations, lambda r: r.model[4:] if r.model.startswith("abl-") else None),
         ("stage_evals", stages, lambda r: stage_of(r.model)),
+        ("baselines.methods", methods,
+         lambda r: r.group if r.group in {g for g, _ in HEADLINE} - {"cmapkd"} else None),
     ]
     for key, listed, member in current:
         if listed is None:

@@ -27,10 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     from cmapkd.report.tables import ReportError, write_tables
 
     try:
-        params = load_params(["seed", "seeds", "ablation_runs", "stage_evals", "prepare", "report"], path=args.params, overrides=args.set)
+        params = load_params(["seed", "seeds", "ablation_runs", "stage_evals", "prepare", "report", "baselines"],
+                             path=args.params, overrides=args.set)
         summary = write_tables(args.metrics, args.out, params.report.headline_metric, params.prepare.format,
                                seeds=params.seeds, ablations=params.ablation_runs,
-                               stages=params.stage_evals, ranks_dir=args.ranks)
+                               stages=params.stage_evals, ranks_dir=args.ranks, methods=params.baselines.methods)
     except (ParamsError, ReportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
