@@ -114,6 +114,25 @@ def test_interrupted_run_resumes_to_identical_result(tmp_path):
     assert len(tsv) == 1 + 18  # header + one row per step, no duplicated steps after the resume
 
 
+def test_checkpoint_loads_without_pickle_and_restores_every_rng(tmp_path):
+    import random
+
+    import numpy as np
+
+    from cmapkd.distill.trainer import _rng_state, _set_rng_state
+
+    _, part = run_toy(tmp_path / "run", stop_after_steps=10)
+    # the resume checkpoint holds tensors and plain values only: the safe loader reads it
+    state = torch.load(tmp_path / "run" / "scratch" / "last.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 8 and state["history"][-1]["step"] == 8
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.randn()  # leaves a cached gaussian in numpy's state
+    torch.save({"rng": _rng_state()}, tmp_path / "rng.pt")
+    draws = (random.random(), np.random.randn(), np.random.rand(), torch.rand(2).tolist())
+    _set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    assert (random.random(), np.random.randn(), np.random.rand(), torch.rand(2).tolist()) == draws
+
+
 def test_checkpoint_of_another_run_is_ignored(tmp_path):
     _, part = run_toy(tmp_path / "run", stop_after_steps=10)
     X, Y = toy_data()

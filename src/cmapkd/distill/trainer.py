@@ -69,11 +69,17 @@ def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float = 0.
 
 
 def _rng_state() -> dict:
+    """Every RNG state as tensors and plain Python values, so that the checkpoint loads with
+    `torch.load(weights_only=True)` (no pickled numpy objects)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss": gauss if gauss is None else float(gauss)},
     }
 
 
@@ -81,8 +87,10 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss"]))
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -179,7 +187,7 @@ def train(
     ckpt_path = Path(scratch_dir) / "last.pt"
     step, history, resumed_from = 0, [], 0
     if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if state.get("fingerprint") == fingerprint:
             method.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
