@@ -4,11 +4,14 @@ pipeline's own training runs (`cmapkd.distill.runs.run`: the same loop, losses, 
 as `dvc repro`) and scores each on the val split, printing one Markdown table:
 
     student | what trains | method | lr | steps | batch | ms/step | val mean recall (mean +- std over seeds)
+    | val image cos (mean pairwise cosine of the val image embeddings: > 0.5 is a partial collapse)
 
 plus the val mean recall of the student at start (no training) for every candidate.
 
     python benchmarks/regime_search.py                    # the regime table (docs/regime_search.md)
     python benchmarks/regime_search.py --lr-search        # every method x the lr grid (docs/lr_search.md)
+    python benchmarks/regime_search.py --candidates default --methods c2kd --lrs 1e-3 --seeds 0 \
+        --set baselines.c2kd.proxy_weight=0                # one question (docs/regime_search.md, "Diagnosis")
 
 Candidates are params overrides on top of params.yaml (`CANDIDATES`); a candidate whose student
 differs from params.yaml's gets its own `student_init` (the same routine as the DVC stage) and,
@@ -76,11 +79,12 @@ def prepare_candidate(name: str, overrides: list[str], work: Path, data: Path, t
     default = load_params()
     # student_init does not depend on what trains: key it by the student spec without those fields
     spec = {k: v for k, v in to_dict(params.model.student).items() if k not in ("trainable_blocks", "freeze_bn")}
-    key = json.dumps(spec, sort_keys=True)
+    key = json.dumps([spec, to_dict(params.student_init)], sort_keys=True)
     init = ROOT / "models" / "student_init"
     saved = read_spec(init) if init.is_dir() else None
     same = saved is not None and {k: v for k, v in saved["encoder_spec"].items()
-                                  if k not in ("trainable_blocks", "freeze_bn")} == spec
+                                  if k not in ("trainable_blocks", "freeze_bn")} == spec \
+        and to_dict(params.student_init) == to_dict(default.student_init)
     if not same:
         init = work / f"init-{abs(hash(key)) % 10**8}"
         if not (init / "spec.json").is_file():
@@ -109,8 +113,20 @@ def train_one(params, method: str, seed: int, init: Path, cache: Path, data: Pat
         steps += s["steps"] if name != "stage4a" else 0  # 4a trains only the ALSN (no student update)
         prev = stage_out
     seconds = time.perf_counter() - t0
+    img_cos = val_image_cosine(params, prev, data, teacher, device)
     shutil.rmtree(out, ignore_errors=True)
-    return {"val": s["val"]["retrieval_mean"], "steps": steps, "seconds": seconds}
+    return {"val": s["val"]["retrieval_mean"], "steps": steps, "seconds": seconds, "img_cos": img_cos}
+
+
+def val_image_cosine(params, model_dir: Path, data: Path, teacher: Path, device) -> float:
+    """Mean pairwise cosine of the trained student's val image embeddings (the collapse check that
+    `evaluate` runs on test, `img_emb_mean_cos`)."""
+    from cmapkd.data import ImageTextDataset
+    from cmapkd.eval.run import embed_images, load_model, mean_pairwise_cosine
+
+    model = load_model(params, model_dir, teacher, device).encoder
+    val = ImageTextDataset(data, "val")
+    return mean_pairwise_cosine(embed_images(model, val.images, params.evaluate.batch_size, device))
 
 
 def main() -> int:
@@ -152,7 +168,9 @@ def main() -> int:
             p = load_params(overrides=overrides)
             trains = describe_trainable(p.model.student.trainable_blocks)
             student = f"params.yaml student ({p.model.student.image_model} @ {p.model.student.image_size} px)"
-        rows.append((student, trains, "start (no training)", "", 0, "", "", f"{100 * start.get('retrieval_mean', float('nan')):.1f}"))
+        start_cos = val_image_cosine(load_params(overrides=overrides), init, args.data, args.teacher, device)
+        rows.append((student, trains, "start (no training)", "", 0, "", "",
+                     f"{100 * start.get('retrieval_mean', float('nan')):.1f}", f"{start_cos:.2f}"))
         for method in args.methods:
             for lr in args.lrs:
                 params = load_params(overrides=overrides + lr_overrides(method, lr))
@@ -166,11 +184,14 @@ def main() -> int:
                 vals = np.array([g["val"] for g in got]) * 100
                 std = f" ± {vals.std(ddof=1):.1f}" if len(vals) > 1 else ""
                 ms = 1000 * sum(g["seconds"] for g in got) / max(1, sum(g["steps"] for g in got))
+                cos = np.mean([g["img_cos"] for g in got])
                 rows.append((student, trains, method, f"{lr:g}", got[0]["steps"], params.distill.batch_size,
-                             f"{ms:.0f}", f"{vals.mean():.1f}{std}"))
-    print(f"seeds {' '.join(map(str, args.seeds))}; val split; ms/step includes the val evaluation and start-up of each run\n")
-    print("| student | what trains | method | lr | steps | batch | ms/step | val mean recall (%) |")
-    print("|---|---|---|---|--:|--:|--:|--:|")
+                             f"{ms:.0f}", f"{vals.mean():.1f}{std}", f"{cos:.2f}"))
+    settings = " ".join(f"`{o}`" for o in args.set) or "none"
+    print(f"seeds {' '.join(map(str, args.seeds))}; val split; overrides of params.yaml: {settings}; "
+          f"ms/step includes the val evaluation and start-up of each run\n")
+    print("| student | what trains | method | lr | steps | batch | ms/step | val mean recall (%) | val image cos |")
+    print("|---|---|---|---|--:|--:|--:|--:|--:|")
     for r in rows:
         print("| " + " | ".join(str(x) for x in r) + " |")
     if args.json:
