@@ -94,3 +94,27 @@ def test_run_stage_lets_an_exception_fail_the_process(tmp_path):
     script.write_text("from cmapkd import runtime\ndef main():\n    raise RuntimeError('boom')\nruntime.run_stage(main)\n")
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert r.returncode == 1 and "RuntimeError: boom" in r.stderr
+
+
+def test_nproc_runs_training_stages_under_torchrun_only():
+    from cmapkd.cli import torchrun_command
+
+    cmd = torchrun_command("cmapkd.stages.distill", ["--run", "stage1"], {"CMAPKD_NPROC": "8"})
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8",
+                       "-m", "cmapkd.stages.distill", "--run", "stage1"]
+    assert torchrun_command("cmapkd.stages.distill", [], {}) is None  # not asked
+    assert torchrun_command("cmapkd.stages.distill", [], {"CMAPKD_NPROC": "1"}) is None
+    assert torchrun_command("cmapkd.stages.evaluate", [], {"CMAPKD_NPROC": "8"}) is None  # does not train
+    # a torchrun worker never launches torchrun again
+    assert torchrun_command("cmapkd.stages.distill", [], {"CMAPKD_NPROC": "8", "LOCAL_RANK": "0"}) is None
+    with pytest.raises(SystemExit, match="CMAPKD_NPROC must be a whole number of processes, got 'eight'"):
+        torchrun_command("cmapkd.stages.distill", [], {"CMAPKD_NPROC": "eight"})
+
+
+def test_nproc_launch_goes_through_torchrun(project_root):
+    # two torchrun workers each run the distill stage's --help and exit 0; torchrun reports success
+    env = {**os.environ, "CMAPKD_NPROC": "2", "CMAPKD_WARM": "0", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "cmapkd", "distill", "--help"], cwd=project_root, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("usage:") == 2  # one per worker process

@@ -22,7 +22,8 @@ def _epilog() -> str:
     lines = ["stages (run through `dvc repro`, or one at a time as `cmapkd <stage>`):"]
     lines += [f"  {n:<{width}}  {desc}" for n, (_, desc) in STAGES.items()]
     lines += ["", "environment: CMAPKD_DEVICE=auto|cpu|cuda|cuda:N picks the device (default auto);",
-              "CMAPKD_WARM=0 runs each stage cold in its own interpreter (see cmapkd.warm)."]
+              "CMAPKD_WARM=0 runs each stage cold in its own interpreter (see cmapkd.warm);",
+              "CMAPKD_NPROC=N runs the training stages (distill) under torchrun on N processes, one per GPU."]
     return "\n".join(lines)
 
 
@@ -49,11 +50,39 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(ns.args) or 0)
 
 
+# stages that train, the only ones `CMAPKD_NPROC` spreads over several processes
+TORCHRUN_MODULES = ("cmapkd.stages.distill",)
+
+
+def torchrun_command(module_name: str, args: list[str], env=os.environ) -> list[str] | None:
+    """The `torchrun` command line that runs a training stage on `CMAPKD_NPROC` processes (one per
+    GPU) on this machine, or None: fewer than 2 processes asked for, a stage that does not train,
+    or already a torchrun worker. An environment variable, not a param, so that the number of
+    GPUs never changes what DVC hashes (the outputs are those of the same global batch)."""
+    raw = env.get("CMAPKD_NPROC", "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        raise SystemExit(f"cmapkd: CMAPKD_NPROC must be a whole number of processes, got {raw!r}") from None
+    if n < 2 or module_name not in TORCHRUN_MODULES or "LOCAL_RANK" in env:
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+            "-m", module_name, *args]
+
+
 def launch(module_name: str, args: list[str]) -> NoReturn:
     """Run the stage as `python -m <module_name> <args>` would and end the process with its status:
-    in a child of the warm-start server when one answers, otherwise in this process."""
+    under torchrun when `CMAPKD_NPROC` asks for several processes (training stages), else in a
+    child of the warm-start server when one answers, otherwise in this process."""
     from cmapkd import warm
 
+    cmd = torchrun_command(module_name, args)
+    if cmd is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(cmd[0], cmd)  # torchrun takes over this process: DVC sees its exit status
     code = warm.run(module_name, args)
     if code is None:
         from cmapkd import runtime
