@@ -30,8 +30,6 @@ building the models (and downloading ~1.7 GB of weights the first time).
 from __future__ import annotations
 
 import argparse
-import copy
-import os
 import statistics
 import sys
 import tempfile
@@ -40,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,26 +56,10 @@ PHOTOS = (
 
 def paper_params(random_weights: bool):
     """params.yaml with configs/paper.yaml merged over it (the paper setting), as typed Params."""
-    from cmapkd.config import load_params, read_params_file
+    from cmapkd.config import load_params
 
-    raw = read_params_file(ROOT / "params.yaml")
-    overlay = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
-
-    def merge(a, b):
-        for k, v in b.items():
-            a[k] = merge(a.get(k, {}), v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-        return a
-
-    raw = merge(copy.deepcopy(raw), overlay)
-    if random_weights:
-        raw["model"]["teacher"]["pretrained"] = ""
-        raw["model"]["student"]["pretrained"] = ""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(raw, f)
-    try:
-        return load_params(path=f.name)
-    finally:
-        os.unlink(f.name)
+    random = ["model.teacher.pretrained=''", "model.student.pretrained=''"] if random_weights else []
+    return load_params(path=ROOT / "params.yaml", overlay=ROOT / "configs" / "paper.yaml", overrides=random)
 
 
 def build_pair(params, random_weights: bool):

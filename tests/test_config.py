@@ -142,3 +142,22 @@ def test_stage_evals_must_name_intermediate_stages(tmp_path, good):
     good["stage_evals"] = ["stage3", "stage4b"]
     with pytest.raises(ParamsError, match=r"stage_evals \['stage4b'\] unknown"):
         load_params(path=write(tmp_path, good))
+
+
+def test_overlay_merges_mappings_replaces_lists_and_names_both_files(tmp_path, good, project_root):
+    from cmapkd.config import merge_overlay
+
+    base = {"a": {"x": 1, "y": [1, 2]}, "b": 2}
+    merged = merge_overlay(base, {"a": {"y": [3], "z": {"k": 0}}, "b": {"new": 1}})
+    assert merged == {"a": {"x": 1, "y": [3], "z": {"k": 0}}, "b": {"new": 1}}
+    assert base == {"a": {"x": 1, "y": [1, 2]}, "b": 2}  # the input is not changed
+    # the paper overlay over the project's params.yaml: paper models, embedded sections kept
+    p = load_params(path=project_root / "params.yaml", overlay=project_root / "configs" / "paper.yaml",
+                    overrides=["model.student.pretrained=''"])
+    assert p.setting == "paper" and p.model.student.open_clip_model == "ViT-B-16" and p.model.student.pretrained == ""
+    assert p.distill.stage1.lr == 5e-5 and p.distill.batch_size == good["distill"]["batch_size"]
+    # a typo in the overlay is reported with both files named
+    bad = tmp_path / "overlay.yaml"
+    bad.write_text("distill:\n  stage_1: {epochs: 1}\n")
+    with pytest.raises(ParamsError, match=r"with .*overlay.yaml merged over it.*unknown key 'distill.stage_1'"):
+        load_params(path=write(tmp_path, good), overlay=bad)

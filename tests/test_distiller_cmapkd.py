@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 import yaml
 
 from cmapkd import config
-from cmapkd.config import load_params, read_params_file
+from cmapkd.config import load_params
 from cmapkd.distill.base import Distiller
 from cmapkd.distill.cmapkd import CMAPKDDistiller
 from cmapkd.models.encoders import build_encoder
@@ -169,18 +168,10 @@ def test_phases_and_param_groups(params, teacher):
 
 
 def _paper_params():
-    raw = read_params_file(ROOT / "params.yaml")
-    overlay = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
-
-    def merge(a, b):
-        for k, v in b.items():
-            a[k] = merge(a.get(k, {}), v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-        return a
-
-    raw = merge(copy.deepcopy(raw), overlay)
-    raw["model"]["teacher"]["pretrained"] = ""  # random init: no hub in tests
-    raw["model"]["student"]["pretrained"] = ""
-    return config._build(config.Params, raw, "", ROOT / "configs" / "paper.yaml", {"model", "loss", "lambda1", "lambda2", "lambda3", "lambda4", "setting"})
+    # random init: no hub in tests
+    return config.load_params(["model", "loss", "lambda1", "lambda2", "lambda3", "lambda4", "setting"],
+                              path=ROOT / "params.yaml", overlay=ROOT / "configs" / "paper.yaml",
+                              overrides=["model.teacher.pretrained=''", "model.student.pretrained=''"])
 
 
 def test_paper_params_overlay_is_valid():

@@ -597,6 +597,17 @@ def read_params_file(path: str | Path = PARAMS_FILE) -> dict:
     return raw
 
 
+def merge_overlay(raw: dict, overlay: dict) -> dict:
+    """A copy of `raw` with `overlay` merged in: mappings key by key, recursively; any other value
+    (lists included) replaced. How configs/paper.yaml applies over params.yaml."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for k, v in overlay.items():
+        out[k] = merge_overlay(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
 # intermediate CMAPKD students worth evaluating on their own (stage 4a trains only the ALSN, so its
 # student is stage 3's; the final one is cmapkd-sS)
 STAGE_EVALS = ("stage1", "stage2", "stage3")
@@ -606,15 +617,22 @@ def load_params(
     keys: typing.Iterable[str] | None = None,
     path: str | Path = PARAMS_FILE,
     overrides: typing.Iterable[str] = (),
+    overlay: str | Path | None = None,
 ) -> Params:
     """Load params.yaml into a typed `Params`.
 
     `keys`: the top-level keys (sections or scalars) the calling stage declares in dvc.yaml; only
     those are type-checked and filled, the others are None. Unknown top-level keys are always an
     error, so a typo anywhere in the file is caught. `keys=None` checks the whole file.
+    `overlay`: a params file merged over it first (`merge_overlay`), e.g. configs/paper.yaml; the
+    `-S`-style `overrides` apply last.
     """
-    path = Path(path)
-    raw = apply_overrides(read_params_file(path), overrides, path)
+    raw = read_params_file(path)
+    if overlay is not None:
+        raw = merge_overlay(raw, read_params_file(overlay))
+    # errors name the file(s) the values came from
+    path = Path(path) if overlay is None else Path(f"{path} (with {overlay} merged over it)")
+    raw = apply_overrides(raw, overrides, path)
     only = None if keys is None else set(keys)
     if only is not None:
         names = {f.name for f in dataclasses.fields(Params)}
