@@ -17,8 +17,8 @@ samples/s (median over `--steps` timed steps after `--warmup`) and peak memory
 (`torch.cuda.max_memory_allocated`) of each, and the teacher-cache write rate: images/s of the
 teacher's forward pass plus fp16 safetensors shard writes (`CacheWriter`, as `cache_teacher`).
 
-Inputs are real photos shipped with scikit-image (`skimage.data`), with captions written for them,
-randomly cropped and resized to 224 px. It is a throughput check, so what the photos show does not
+Inputs are real photos shipped with scikit-image (`cmapkd.sample_photos`), with captions written
+for them, randomly cropped and resized to 224 px. It is a throughput check, so what the photos show does not
 matter; they stand in for COCO batches of the same shape.
 
 Without a GPU it says so and exits 0. `--device cpu` runs the same code on the CPU (slowly: with
@@ -40,19 +40,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# (skimage.data function, caption): photos the scikit-image wheel ships (no download)
-PHOTOS = (
-    ("astronaut", "an astronaut in a white space suit in front of an american flag"),
-    ("coffee", "a cup of coffee with milk foam on a saucer with a spoon"),
-    ("chelsea", "a tabby cat with green eyes looking to the side"),
-    ("rocket", "a rocket on the launch pad under a blue sky"),
-    ("hubble_deep_field", "many small galaxies on a black sky"),
-    ("immunohistochemistry", "a microscope image of stained tissue in blue and brown"),
-    ("colorwheel", "a colour wheel with every hue around a white centre"),
-    ("retina", "a photograph of the back of a human eye with blood vessels"),
-)
-
 
 def paper_params(random_weights: bool):
     """params.yaml with configs/paper.yaml merged over it (the paper setting), as typed Params."""
@@ -80,26 +67,15 @@ def build_pair(params, random_weights: bool):
 
 
 def photo_batch(n: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """n random crops of the packaged photos, resized to `size` (uint8 [n, 3, size, size]) + captions."""
-    import skimage.data
-    import torch.nn.functional as F
+    """n random crops of the packaged photos (`cmapkd.sample_photos`), uint8 [n, 3, size, size], and
+    a caption of each."""
+    from cmapkd.sample_photos import PHOTOS, load_photo, random_crop
 
     rng = np.random.default_rng(seed)
-    photos = []
-    for name, caption in PHOTOS:
-        img = getattr(skimage.data, name)()
-        img = np.repeat(img[..., None], 3, -1) if img.ndim == 2 else img[..., :3]
-        photos.append((torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), caption))
-    images, captions = [], []
-    for i in range(n):
-        img, caption = photos[i % len(photos)]
-        h, w = img.shape[1:]
-        side = int(min(h, w) * rng.uniform(0.6, 1.0))
-        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        crop = img[:, y : y + side, x : x + side].float().unsqueeze(0)
-        images.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True).round().clamp(0, 255).byte())
-        captions.append(caption)
-    return torch.cat(images), captions
+    photos = [load_photo(p) for p in PHOTOS]
+    crops = [random_crop(photos[i % len(PHOTOS)], rng, size) for i in range(n)]
+    images = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+    return images, [PHOTOS[i % len(PHOTOS)].captions[0] for i in range(n)]
 
 
 def _sync(device: torch.device) -> None:

@@ -20,11 +20,13 @@ def test_gpu_check_without_gpu_says_so_and_exits_0():
 
 def test_packaged_photos_make_a_real_batch():
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from gpu_check import PHOTOS, photo_batch
+    from gpu_check import photo_batch
+
+    from cmapkd.sample_photos import PHOTOS
 
     images, captions = photo_batch(10, 64, seed=0)
     assert images.shape == (10, 3, 64, 64) and images.dtype == torch.uint8
-    assert captions[:len(PHOTOS)] == [c for _, c in PHOTOS] and captions[8] == PHOTOS[0][1]
+    assert captions[:len(PHOTOS)] == [p.captions[0] for p in PHOTOS] and captions[8] == PHOTOS[0].captions[0]
     # real photos, not noise: neighbouring pixels are strongly correlated, and crops differ
     x = images.float()
     corr = torch.corrcoef(torch.stack([x[..., :-1].flatten(), x[..., 1:].flatten()]))[0, 1]
