@@ -23,7 +23,8 @@ matter; they stand in for COCO batches of the same shape.
 
 Without a GPU it says so and exits 0. `--device cpu` runs the same code on the CPU (slowly: with
 `--batch-size 2 --steps 1 --warmup 0` about a minute on 2 cores), which is how the test suite keeps
-it from rotting. On one H100/H200-class GPU the default run takes about 2-4 minutes, most of it
+it from rotting. On one H100/H200-class GPU the default run should take about 2-4 minutes (an
+estimate: it has not run on a GPU yet), most of it
 building the models (and downloading ~1.7 GB of weights the first time).
 """
 
