@@ -22,7 +22,7 @@ SMALL_EMOJI = EmojiScenesParams(
 )
 NO_PAPER = PaperDataParams(
     karpathy_json="", image_root="", restval_to_train=True, max_per_split=0,
-    imagenet_val_root="", imagenet_per_class=0, vqa_questions=[], vqa_annotations=[],
+    imagenet_val_root="", imagenet_per_class=0, imagenet_templates="openai", vqa_questions=[], vqa_annotations=[],
 )
 
 

@@ -324,6 +324,33 @@ def test_metrics_of_seeds_outside_params_are_left_out(metrics_dir: Path, tmp_pat
     assert summary["files"]
 
 
+def test_left_out_files_may_have_other_zeroshot_sets(metrics_dir: Path, tmp_path: Path):
+    """A run with other zero-shot sets (e.g. the paper setting's [imagenet]) next to an earlier
+    run's seed-2 file: the file the params leave out is not held against the others; a kept one is."""
+    stale = json.loads((metrics_dir / "cmapkd-s2.json").read_text())
+    for k in list(stale):
+        if k.startswith("zeroshot_fashion_mnist_"):
+            del stale[k]
+    (metrics_dir / "cmapkd-s2.json").write_text(json.dumps(stale))
+    summary = tables.write_tables(metrics_dir, tmp_path / "t", seeds=[0, 1])
+    assert summary["files"]
+    with pytest.raises(ReportError, match=r"cmapkd-s2\.json: missing key\(s\) zeroshot_fashion_mnist_top1"):
+        tables.write_tables(metrics_dir, tmp_path / "t2", seeds=[0, 1, 2])
+
+
+def test_imagenet_caption_names_the_templates_used(tmp_path: Path):
+    d = tmp_path / "metrics"
+    imagenet = {f"zeroshot_imagenet_{m}": 0.1 for m in ZEROSHOT_METRICS}
+    for model, seed in (("teacher", 0), ("scratch-s0", 0), ("cmapkd-s0", 0)):
+        p = write_metrics(d, model, seed, **imagenet)
+        m = {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith(("zeroshot_emoji", "zeroshot_fashion"))}
+        p.write_text(json.dumps(m))
+    tables.write_tables(d, tmp_path / "simple", dataset="coco_karpathy", imagenet_templates="simple")
+    tables.write_tables(d, tmp_path / "openai", dataset="coco_karpathy")
+    assert "ImageNet-1k: the validation set, open_clip's 7 simple prompt templates" in (tmp_path / "simple" / "table3.md").read_text()
+    assert "ImageNet-1k: the validation set, CLIP's 80 prompt templates" in (tmp_path / "openai" / "table3.md").read_text()
+
+
 def test_metrics_of_ablations_outside_params_are_left_out(metrics_dir: Path, tmp_path: Path):
     """A quick profile (`-S ablation_runs=[...]`) must not show ablations of an earlier full run."""
     kept = tables.write_tables(metrics_dir, tmp_path / "with", ablations=["p5only"])

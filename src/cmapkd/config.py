@@ -75,6 +75,9 @@ class PaperDataParams:
     max_per_split: int  # 0 = all images of a split
     imagenet_val_root: str  # ImageNet-1k val, one folder per WordNet id ("" = no ImageNet set)
     imagenet_per_class: int  # 0 = all 50 images per class
+    # ImageNet prompts: openai = CLIP's 80 templates (the published protocol); simple = open_clip's
+    # 7 SIMPLE_IMAGENET_TEMPLATES (11x fewer text passes: the CPU smoke profile)
+    imagenet_templates: Literal["openai", "simple"]
     vqa_questions: list[str]  # v2_OpenEnded_mscoco_*_questions.json files
     vqa_annotations: list[str]  # v2_mscoco_*_annotations.json files, same order
 
@@ -663,6 +666,31 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def write_params(out: str | Path, path: str | Path = PARAMS_FILE, overlays: typing.Iterable[str | Path] = (),
+                 overrides: typing.Iterable[str] = ()) -> Params:
+    """Write `path` with each of `overlays` merged over it in turn (`merge_overlay`) and the
+    `-S`-style `overrides` applied, after checking every key of the result (`load_params`). How a
+    user turns configs/paper.yaml into the params.yaml that `dvc repro` reads (`cmapkd params --overlay
+    ... --out`). Comments are lost."""
+    raw = read_params_file(path)
+    names = [str(path)]
+    for overlay in overlays:
+        raw = merge_overlay(raw, read_params_file(overlay))
+        names.append(str(overlay))
+    raw = apply_overrides(raw, overrides, Path(" + ".join(names)))
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    header = f"# written by `cmapkd params`: {' + '.join(names)}" + "".join(f" -S {o}" for o in overrides)
+    tmp.write_text(header + "\n" + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    try:
+        params = load_params(path=tmp)
+    except ParamsError as e:
+        tmp.unlink()
+        raise ParamsError(str(e).replace(str(tmp), " + ".join(names))) from None
+    tmp.replace(out)
+    return params
+
+
 __all__ = [
     "PARAMS_FILE",
     "Params",
@@ -673,4 +701,6 @@ __all__ = [
     "parse_override",
     "read_params_file",
     "to_dict",
+    "write_params",
 ]
+

@@ -293,7 +293,7 @@ def build_paper(p: PrepareParams, seed: int, root: Path, progress: bool = True) 
     zs = {}
     if q.imagenet_val_root:
         items = loaders.list_imagenet_val(q.imagenet_val_root, q.imagenet_per_class)
-        classnames, templates = loaders.imagenet_classnames_templates()
+        classnames, templates = loaders.imagenet_classnames_templates(q.imagenet_templates)
         path = root / "zeroshot" / "imagenet" / "images.npy"
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(items), p.resolution, p.resolution, 3))
@@ -313,7 +313,7 @@ def build_paper(p: PrepareParams, seed: int, root: Path, progress: bool = True) 
             save_npy(path, arr)
         save_npy(path.parent / "labels.npy", np.asarray(labels, np.int64))
         write_json(path.parent / "classes.json", {"classnames": classnames, "templates": templates,
-                                                  "source": "open_clip.zero_shot_metadata (IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES)"})
+                                                  "source": f"open_clip.zero_shot_metadata (IMAGENET_CLASSNAMES, {q.imagenet_templates.upper()}_IMAGENET_TEMPLATES)"})
         zs["imagenet"] = n
     counts["zeroshot"] = zs
     sources = {"karpathy_json": {"path": q.karpathy_json, "sha256": sha256_file(Path(q.karpathy_json))}}

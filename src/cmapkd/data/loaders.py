@@ -79,10 +79,12 @@ def imagenet_wnids() -> list[str]:
     return list(ImageNetInfo().label_names())
 
 
-def imagenet_classnames_templates() -> tuple[list[str], list[str]]:
+def imagenet_classnames_templates(templates: str = "openai") -> tuple[list[str], list[str]]:
+    """open_clip's ImageNet class names and prompt templates: `openai` (CLIP's 80) or `simple` (7)."""
     from open_clip import zero_shot_metadata as z
 
-    templates = [t("{}") if callable(t) else str(t) for t in z.OPENAI_IMAGENET_TEMPLATES]
+    source = {"openai": z.OPENAI_IMAGENET_TEMPLATES, "simple": z.SIMPLE_IMAGENET_TEMPLATES}[templates]
+    templates = [t("{}") if callable(t) else str(t) for t in source]
     return list(z.IMAGENET_CLASSNAMES), templates
 
 

@@ -251,7 +251,7 @@ def train(
                 live.log(step, row)
             if bar is not None:
                 rate = seen / max(1e-9, time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{float(losses['total']):.4f}", samples_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{float(losses['total'].detach()):.4f}", samples_s=f"{rate:.0f}")
                 bar.update(1)
             if spec.ckpt_every and step % spec.ckpt_every == 0 and step < total_steps:
                 if dist_info.is_main:

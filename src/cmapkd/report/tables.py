@@ -49,8 +49,10 @@ ZEROSHOT_SETS: dict[str, tuple[str, str]] = {
     "emoji_groups": ("EmojiScenes groups", "single-object EmojiScenes images labelled by Unicode emoji group (in domain)"),
     "emoji_subgroups": ("EmojiScenes subgroups", "single-object EmojiScenes images labelled by Unicode emoji subgroup (in domain)"),
     "fashion_mnist": ("Fashion-MNIST", "a class-balanced subset of its test set (out of domain)"),
-    "imagenet": ("ImageNet-1k", "the validation set, 80 prompt templates"),
+    "imagenet": ("ImageNet-1k", "the validation set, {imagenet_templates}"),
 }
+# prepare.paper.imagenet_templates -> what the ImageNet caption says
+IMAGENET_TEMPLATES = {"openai": "CLIP's 80 prompt templates", "simple": "open_clip's 7 simple prompt templates"}
 EFFICIENCY_KEYS = (
     "params_image", "params_text", "params_total", "flops_per_image", "flops_per_caption",
     "latency_ms_image_b1", "latency_ms_image_b32", "latency_ms_text_b1", "latency_ms_text_b32",
@@ -167,19 +169,27 @@ def read_run(path: str | Path) -> Run:
     return Run(path=path, model=model, group=group, seed=seed, metrics=data)
 
 
-def load_runs(metrics_dir: str | Path) -> list[Run]:
-    """Every `*.json` in `metrics_dir`, sorted by file name; duplicate (group, seed) is an error."""
+def check_zeroshot_sets(runs: list[Run]) -> None:
+    """Every model must have been evaluated on the same zero-shot sets."""
+    sets = sorted(set().union(*(r.zeroshot_sets for r in runs)))
+    for r in runs:
+        missing = [f"zeroshot_{s}_{m}" for s in sets for m in ZEROSHOT_METRICS if f"zeroshot_{s}_{m}" not in r.metrics]
+        if missing:
+            raise ReportError(f"{r.path}: missing key(s) {', '.join(missing)} (other files have these zero-shot sets)")
+
+
+def load_runs(metrics_dir: str | Path, check_sets: bool = True) -> list[Run]:
+    """Every `*.json` in `metrics_dir`, sorted by file name; duplicate (group, seed) is an error.
+    `check_sets`: also require the same zero-shot sets in every file (`check_zeroshot_sets`;
+    write_tables checks after leaving out the files the current params do not list)."""
     d = Path(metrics_dir)
     if not d.is_dir():
         raise ReportError(f"{d}: metrics folder not found (run the evaluate stage first)")
     runs = [read_run(p) for p in sorted(d.glob("*.json"))]
     if not runs:
         raise ReportError(f"{d}: no metrics JSON files (run the evaluate stage first)")
-    sets = sorted(set().union(*(r.zeroshot_sets for r in runs)))
-    for r in runs:  # every model is evaluated on the same zero-shot sets
-        missing = [f"zeroshot_{s}_{m}" for s in sets for m in ZEROSHOT_METRICS if f"zeroshot_{s}_{m}" not in r.metrics]
-        if missing:
-            raise ReportError(f"{r.path}: missing key(s) {', '.join(missing)} (other files have these zero-shot sets)")
+    if check_sets:
+        check_zeroshot_sets(runs)
     seen: dict[tuple[str, int], Path] = {}
     for r in runs:
         key = (r.group, r.seed)
@@ -369,9 +379,10 @@ def _seed_note() -> str:
 
 
 def build_tables(runs: list[Run], headline_metric: str = "retrieval_mean", dataset: str = "emojiscenes",
-                 deltas: dict | None = None) -> list[Table]:
+                 deltas: dict | None = None, imagenet_templates: str = "openai") -> list[Table]:
     """Tables 2-5 from the loaded runs (rows whose runs are missing are left out). `deltas`: group ->
-    `stats.Delta` of its mean recall vs Scratch; Table 2 gets that column when given."""
+    `stats.Delta` of its mean recall vs Scratch; Table 2 gets that column when given.
+    `imagenet_templates`: prepare.paper.imagenet_templates, named in the caption."""
     import dataclasses
     zs = zeroshot_sets(runs)
     fractions = [*FRACTION_KEYS, *(f"zeroshot_{s}_{m}" for s in zs for m in ZEROSHOT_METRICS)]
@@ -392,7 +403,9 @@ def build_tables(runs: list[Run], headline_metric: str = "retrieval_mean", datas
     refs = tuple(r for r in (teacher, init) if r is not None)
     main_blocks = tuple(b for b in (refs, heads) if b)
 
-    zs_note = "".join(f"{_zs_name(s)}: {ZEROSHOT_SETS[s][1] if s in ZEROSHOT_SETS else 'zero-shot set ' + s}. " for s in zs)
+    templates = IMAGENET_TEMPLATES[imagenet_templates]
+    zs_note = "".join(f"{_zs_name(s)}: {ZEROSHOT_SETS[s][1].format(imagenet_templates=templates) if s in ZEROSHOT_SETS else 'zero-shot set ' + s}. "
+                      for s in zs)
     splits = sorted({s for b in main_blocks for r in b for s in r.vqa_splits})
     vqa_split = f"{' and '.join(splits)} split" if splits else "held-out split"
     retrieval_protocol = (
@@ -708,6 +721,7 @@ def write_tables(
     stages: list[str] | None = None,
     ranks_dir: str | Path | None = None,
     methods: list[str] | None = None,
+    imagenet_templates: str = "openai",
 ) -> dict:
     """Load the metrics, build Tables 2-5 and write `TABLE_FILES` into `out_dir`.
 
@@ -716,10 +730,11 @@ def write_tables(
     `ablations`: params `ablation_runs`; metrics of other ablations (`abl-<name>`) are left out alike.
     `stages`: params `stage_evals`; metrics of other intermediate stages (`cmapkd-<stage>-s<N>`) too.
     `methods`: params `baselines.methods`; metrics of other baselines (`<method>-s<N>`) are left out alike.
+    `imagenet_templates`: params `prepare.paper.imagenet_templates`, named in Table 3's caption.
     `ranks_dir`: per-query ranks (`<model>.npz`, evaluate's --ranks); Table 2 then gets every
     student's difference in mean recall to Scratch with its paired bootstrap interval.
     Returns a summary: the files written, the rows of each table, the groups ignored, the deltas."""
-    runs = load_runs(metrics_dir)
+    runs = load_runs(metrics_dir, check_sets=False)
 
     def stage_of(model: str) -> str | None:
         m = _STAGE_MODEL.match(model)
@@ -739,12 +754,13 @@ def write_tables(
         for r in [r for r in runs if member(r) is not None and member(r) not in listed]:
             log.warning("leaving out %s: %r is not in params %s %s", r.path, member(r), key, list(listed))
             runs.remove(r)
+    check_zeroshot_sets(runs)  # after the leftovers went: an earlier run's files may have other sets
     unknown = sorted({r.group for r in runs} - KNOWN_GROUPS)
     for g in unknown:
         log.warning("ignoring metrics of unknown model group '%s' (%s)", g,
                     ", ".join(str(r.path) for r in runs if r.group == g))
     deltas = deltas_vs_scratch(runs, ranks_dir) if ranks_dir is not None else {}
-    tables = build_tables(runs, headline_metric, dataset, deltas)
+    tables = build_tables(runs, headline_metric, dataset, deltas, imagenet_templates)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                              path=args.params, overrides=args.set)
         summary = write_tables(args.metrics, args.out, params.report.headline_metric, params.prepare.format,
                                seeds=params.seeds, ablations=params.ablation_runs,
-                               stages=params.stage_evals, ranks_dir=args.ranks, methods=params.baselines.methods)
+                               stages=params.stage_evals, ranks_dir=args.ranks, methods=params.baselines.methods,
+                               imagenet_templates=params.prepare.paper.imagenet_templates)
     except (ParamsError, ReportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
