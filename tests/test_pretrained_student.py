@@ -139,6 +139,24 @@ def test_paired_delta_values():
         paired_delta([a], [_ranks([0, 0, 0], [0] * 6, np.repeat(np.arange(3), 2))])
 
 
+def test_subset_recall_and_delta_count_only_the_subset_queries():
+    """Table 6: recall of a subset of test images = their i2t queries and their captions' t2i queries."""
+    t2i_map = np.repeat(np.arange(4), 2)
+    # images 0-1: every query a hit at 1; images 2-3: an i2t hit at rank 3, captions missed
+    a = _ranks([0, 0, 3, 3], [0, 0, 0, 0, 20, 20, 20, 20], t2i_map)
+    b = _ranks([20, 20, 20, 20], [20] * 8, t2i_map)
+    first, last = np.array([1, 1, 0, 0], bool), np.array([0, 0, 1, 1], bool)
+    assert mean_recall([a], images=first) == pytest.approx(1.0)
+    assert mean_recall([a], images=last) == pytest.approx((2 / 3) / 2)  # i2t R@5, R@10 hit; t2i none
+    assert mean_recall([a]) == pytest.approx((0.5 + 1 + 1 + 0.5 + 0.5 + 0.5) / 6)  # i2t R@1,5,10; t2i R@1,5,10
+    d = paired_delta([a], [b], images=last)
+    assert d.diff == pytest.approx(1 / 3) and d.lo == pytest.approx(1 / 3) and d.hi == pytest.approx(1 / 3)
+    with pytest.raises(RanksError, match="empty"):
+        mean_recall([a], images=np.zeros(4, bool))
+    with pytest.raises(RanksError, match="3 test images|4 test images"):
+        mean_recall([a], images=np.ones(3, bool))
+
+
 def test_features_concat_shifts_caption_offsets():
     """The teacher's heads train on train + teacher_extra: rows concatenate, image i of the second
     split keeps its own captions."""

@@ -290,7 +290,8 @@ def test_figures_stage_missing_figdata(tmp_path: Path, capsys):
 
 def test_paper_paths():
     """Every \\input / \\includegraphics of paper/main.tex is a file the tables or figures stage
-    writes (and exists, once those stages have run)."""
+    writes (and exists, once those stages have run), or one of the sweep's files, which the paper
+    includes only when they exist (\\IfFileExists: scripts/sweep.sh is not part of `dvc repro`)."""
     tex = (ROOT / "paper" / "main.tex").read_text(encoding="utf-8")
     tex = "\n".join(line.split("%")[0] for line in tex.splitlines())  # drop comments
     refs = re.findall(r"\\(input|includegraphics)(?:\[[^\]]*\])?\{([^}]+)\}", tex)
@@ -298,10 +299,15 @@ def test_paper_paths():
     outputs = {Path("reports/tables") / f for f in tables.TABLE_FILES} | {
         Path("reports/figures") / f for f in figures.FIGURE_FILES
     }
+    sweep_files = {Path("reports/sweep/sweep.tex"), Path("reports/sweep/sweep.pdf")}
+    guarded = set(re.findall(r"\\IfFileExists\{([^}]+)\}", tex))
+    assert {str(Path("..") / f) for f in sweep_files} <= guarded, "the sweep's files are included only if they exist"
     seen = {"input": set(), "includegraphics": set()}
     for kind, ref in refs:
         rel = Path(ref)
         path = Path(*(ROOT / "paper" / rel).resolve().relative_to(ROOT).parts)
+        if path in sweep_files:
+            continue
         assert path in outputs, f"{ref}: not an output of the tables or figures stage"
         assert (kind == "input") == (path.suffix == ".tex"), ref
         seen[kind].add(path.name)
@@ -417,3 +423,46 @@ def test_metrics_of_baselines_not_in_params_are_left_out(metrics_dir: Path, tmp_
     summary = tables.write_tables(metrics_dir, out, methods=["scratch"])
     groups = {g for g, _ in summary["rows"][2]}
     assert "scratch" in groups and "cmapkd" in groups and not groups & {"promptkd", "c2kd"}
+
+
+def test_tables_6_7_by_scene_type_and_object_size(metrics_dir: Path, tmp_path: Path):
+    """Retrieval per scene type / smallest-object size from the per-query ranks and the test
+    manifest (Table 6, mean +- std over seeds) and CMAPKD's paired differences there (Table 7);
+    data without scene types (the paper's) gets both tables empty with the reason, not numbers."""
+    types = ["simple", "simple", "complex", "complex", "fine-grained", "fine-grained", "abstract", "abstract"]
+    sizes = ["small"] * 4 + ["large"] * 4
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest-test.jsonl").write_text("".join(
+        json.dumps({"index": i, "scene_type": t, "objects": [{"size": s}, {"size": "large"}]}) + "\n"
+        for i, (t, s) in enumerate(zip(types, sizes))))
+    ranks = tmp_path / "ranks"
+    hit_simple = [0, 0] + [50] * 6  # only the two simple scenes are found (with both their captions)
+    for model in ("teacher", "abl-p5only"):
+        _write_ranks(ranks, model, [0] * 8, [0] * 16)
+    for s in (0, 1, 2):
+        _write_ranks(ranks, f"cmapkd-s{s}", hit_simple, list(np.repeat(hit_simple, 2)))
+    for model in ("scratch-s0", "scratch-s1", "promptkd-s0", "c2kd-s0"):
+        _write_ranks(ranks, model, [50] * 8, [50] * 16)
+    out = tmp_path / "tables"
+    tables.write_tables(metrics_dir, out, ranks_dir=ranks, test_manifest=data / "manifest-test.jsonl")
+    t6 = (out / "table6.md").read_text()
+    assert "All (8)" in t6 and "Scene type Simple (2)" in t6 and "Smallest object Small (4)" in t6
+    assert "Medium" not in t6  # no scene has a medium smallest object: no empty column
+    assert md_row(t6, "CMAPKD (ours)")[1:5] == ["3", "25.0 ± 0.0", "**100.0 ± 0.0**", "0.0 ± 0.0"]  # ties w/o pyramid
+    assert md_row(t6, "CMAPKD (ours)")[-2:] == ["50.0 ± 0.0", "0.0 ± 0.0"]  # smallest small, large
+    assert md_row(t6, "PromptKD (adapted) (best baseline)")[2] == "0.0"  # Table 2's best of the baselines
+    assert md_row(t6, "*Teacher (reference)*")[2] == "100.0"
+    t7 = (out / "table7.md").read_text()
+    vs_scratch = md_row(t7, "CMAPKD (ours) - Scratch")
+    assert vs_scratch[2].startswith("+25.0 [") and vs_scratch[3] == "+100.0 [+100.0, +100.0]"
+    assert md_row(t7, "CMAPKD (ours) - w/o visual pyramid (P5 only)")[4] == "-100.0 [-100.0, -100.0]"
+
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    (paper / "manifest-test.jsonl").write_text(json.dumps({"index": 0, "captions": ["a cat"]}) + "\n")
+    tables.write_tables(metrics_dir, tmp_path / "paper-tables", ranks_dir=ranks, dataset="coco_karpathy",
+                        test_manifest=paper / "manifest-test.jsonl")
+    for n in (6, 7):
+        text = (tmp_path / "paper-tables" / f"table{n}.md").read_text()
+        assert "has no scene types or object sizes: the breakdown is skipped" in text

@@ -77,24 +77,42 @@ def _hits(ranks: Sequence[Ranks]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return i2t, t2i, ref.text_to_image
 
 
-def mean_recall(ranks: Sequence[Ranks]) -> float:
-    """retrieval_mean of the seed-pooled hits (equals the mean over seeds of each seed's retrieval_mean)."""
-    i2t, t2i, _ = _hits(ranks)
-    return float((i2t.mean(0).sum() + t2i.mean(0).sum()) / (2 * len(KS)))
+def _subset(images: np.ndarray | None, n: int) -> np.ndarray:
+    """A boolean mask over the n test images (all of them when `images` is None)."""
+    if images is None:
+        return np.ones(n, dtype=bool)
+    mask = np.asarray(images, dtype=bool)
+    if mask.shape != (n,):
+        raise RanksError(f"image subset has {mask.shape} entries, the ranks have {n} test images")
+    if not mask.any():
+        raise RanksError("image subset is empty")
+    return mask
+
+
+def mean_recall(ranks: Sequence[Ranks], images: np.ndarray | None = None) -> float:
+    """retrieval_mean of the seed-pooled hits (equals the mean over seeds of each seed's retrieval_mean).
+    `images`: a boolean mask of test images; only their image->text queries and their captions'
+    text->image queries count (every image stays in the gallery)."""
+    i2t, t2i, t2i_map = _hits(ranks)
+    mask = _subset(images, i2t.shape[0])
+    return float((i2t[mask].mean(0).sum() + t2i[mask[t2i_map]].mean(0).sum()) / (2 * len(KS)))
 
 
 def paired_delta(a: Sequence[Ranks], b: Sequence[Ranks], n_boot: int = 2000, seed: int = 0,
-                 level: float = 0.95) -> Delta:
-    """mean recall(a) - mean recall(b), seeds pooled, with a paired cluster-bootstrap interval."""
+                 level: float = 0.95, images: np.ndarray | None = None) -> Delta:
+    """mean recall(a) - mean recall(b), seeds pooled, with a paired cluster-bootstrap interval;
+    `images`: only the queries of these test images (as in `mean_recall`), resampled among them."""
     ia, ta, t2i_map = _hits(a)
     ib, tb, map_b = _hits(b)
     if ia.shape != ib.shape or not np.array_equal(t2i_map, map_b):
         raise RanksError("the two models' ranks are not of the same test split")
-    n = ia.shape[0]
+    mask = _subset(images, ia.shape[0])
     d_img = (ia - ib).sum(1)  # per image: sum over k of the i2t hit difference
-    cap_sum = np.zeros(n)
+    cap_sum = np.zeros(ia.shape[0])
     np.add.at(cap_sum, t2i_map, (ta - tb).sum(1))  # per image: its captions' t2i differences, summed
-    n_caps = np.bincount(t2i_map, minlength=n).astype(float)
+    n_caps = np.bincount(t2i_map, minlength=ia.shape[0]).astype(float)
+    d_img, cap_sum, n_caps = d_img[mask], cap_sum[mask], n_caps[mask]
+    n = d_img.shape[0]
     diff = (d_img.mean() + cap_sum.sum() / n_caps.sum()) / (2 * len(KS))
     rng = np.random.default_rng(seed)
     w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)  # [n_boot, n] image counts

@@ -1,7 +1,9 @@
-"""Tables 2-5 of the paper (METHOD.md section 7) from the metrics JSONs of the `evaluate` stage.
+"""Tables 2-7 of the paper (METHOD.md section 7) from the metrics JSONs of the `evaluate` stage.
 
 Input: `reports/metrics/<model_id>.json`, one flat JSON per trained model (keys: `METRIC_KEYS`;
-schema in docs/reports.md). Output: `table{2,3,4,5}.{md,tex,csv}` (`TABLE_FILES`).
+schema in docs/reports.md), and for Tables 6-7 (retrieval by scene type and object size) the
+per-query ranks `reports/ranks/<model_id>.npz` and the test manifest. Output:
+`table{2,...,7}.{md,tex,csv}` (`TABLE_FILES`).
 
 - A model id `<group>-s<seed>` is one seed of `<group>`; the rows aggregate the seeds that exist:
   mean and sample std (ddof=1) over seeds, with n shown on every row (n = 1: no std).
@@ -27,6 +29,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
+
+import numpy as np
 
 log = logging.getLogger("cmapkd.report.tables")
 
@@ -103,7 +107,7 @@ DATASET_NAMES = {
     "flickr30k_karpathy": "Flickr30K (Karpathy test split)",
 }
 
-TABLE_IDS = (2, 3, 4, 5)
+TABLE_IDS = (2, 3, 4, 5, 6, 7)
 TABLE_FILES = tuple(f"table{i}.{ext}" for i in TABLE_IDS for ext in ("md", "tex", "csv"))
 
 _SEED_SUFFIX = re.compile(r"^(?P<group>.+)-s(?P<seed>\d+)$")
@@ -314,7 +318,7 @@ def _flops_scale(unit: str) -> float:
 def _cell(row: Row, col: Col, teacher: Row | None, flops_unit: dict[str, str]) -> Cell:
     std = row.std.get(col.key) if col.kind in _SHOW_STD else None
     if col.kind == "delta":  # points of mean recall vs Scratch, with the paired bootstrap interval
-        d = row.delta
+        d = row.delta.get(col.key) if isinstance(row.delta, dict) else row.delta  # Table 7: one per column
         return Cell(None, None) if d is None else Cell(d.diff * 100.0, None, (d.lo * 100.0, d.hi * 100.0))
     if col.kind == "pct":
         return Cell(row.mean[col.key] * 100.0, None if std is None else std * 100.0)
@@ -529,6 +533,149 @@ def build_tables(runs: list[Run], headline_metric: str = "retrieval_mean", datas
     return [t2, t3, t4, t5]
 
 
+# --------------------------------------------------------------------------------------------
+# Tables 6-7: retrieval by scene type and by the size of a scene's smallest object (EmojiScenes)
+# --------------------------------------------------------------------------------------------
+
+SCENE_TYPES = ("simple", "complex", "fine-grained", "abstract")  # cmapkd.data.scenes (not imported: no torch here)
+OBJECT_SIZES = ("small", "medium", "large")
+
+
+def test_subsets(manifest: str | Path) -> dict[str, np.ndarray] | None:
+    """Subset name -> boolean mask over the test images (manifest order = the ranks' order): `all`,
+    each scene type, and `smallest_<size>` (the scene's smallest object). None when the manifest
+    has no scene types (the paper's datasets): the breakdown is then skipped, not faked."""
+    path = Path(manifest)
+    if not path.is_file():
+        raise ReportError(f"{path}: test manifest not found (the prepare stage writes it)")
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: not valid JSON lines: {e}") from e
+    if not rows or any("scene_type" not in r for r in rows):
+        return None
+    out = {"all": np.ones(len(rows), dtype=bool)}
+    for t in SCENE_TYPES:
+        out[t] = np.array([r["scene_type"] == t for r in rows])
+    try:
+        smallest = [min(OBJECT_SIZES.index(o["size"]) for o in r["objects"]) for r in rows]
+    except (KeyError, ValueError) as e:
+        raise ReportError(f"{path}: every scene needs objects with a size in {OBJECT_SIZES} ({e})") from e
+    for i, size in enumerate(OBJECT_SIZES):
+        out[f"smallest_{size}"] = np.array([m == i for m in smallest])
+    return {k: v for k, v in out.items() if v.any()}
+
+
+_SUBSET_HEADERS = {"all": "All", **{t: t.capitalize() for t in SCENE_TYPES},
+                   **{f"smallest_{s}": s.capitalize() for s in OBJECT_SIZES}}
+
+
+def build_subset_tables(runs: list[Run], ranks_dir: str | Path | None, subsets: dict[str, np.ndarray] | None,
+                        dataset: str = "emojiscenes", why: str | None = None) -> list[Table]:
+    """Table 6: mean recall (%) per test subset of the teacher, the student at start, Scratch, the
+    best baseline (highest Table 2 mean recall), CMAPKD and its ablations, mean +- std over seeds.
+    Table 7: CMAPKD minus w/o visual pyramid, the best baseline and Scratch per subset, seeds
+    pooled, with paired bootstrap intervals. Without subsets both are empty and say `why` (default:
+    the data has no scene types)."""
+    from cmapkd.report.stats import RanksError, mean_recall, paired_delta, read_ranks
+
+    ds = DATASET_NAMES.get(dataset, dataset)
+    subsets = subsets or {}
+
+    def ranks_of(group: str) -> list:
+        mine = sorted((r for r in runs if r.group == group), key=lambda r: r.seed)
+        try:
+            return [(r.seed, read_ranks(Path(ranks_dir) / f"{r.model}.npz")) for r in mine]
+        except RanksError as e:
+            raise ReportError(str(e)) from e
+
+    n_images = next(iter(subsets.values())).shape[0] if subsets else 0
+
+    def subset_row(group: str, name: str) -> Row | None:
+        seeded = ranks_of(group)
+        if not seeded:
+            return None
+        mean, std = {}, {}
+        for key, mask in subsets.items():
+            vals = []
+            for _, rk in seeded:
+                if rk.i2t.shape[0] != n_images:
+                    raise ReportError(f"{ranks_dir}/{group}: ranks of {rk.i2t.shape[0]} test images, the test manifest has {n_images}")
+                vals.append(mean_recall([rk], images=mask))
+            mean[key], std[key] = _mean_std(vals)
+        role = "teacher" if group == TEACHER else "reference" if group in (INIT, RANDOM) else "student"
+        return Row(group=group, name=name, role=role, seeds=tuple(s for s, _ in seeded), mean=mean, std=std, devices=())
+
+    names = dict(HEADLINE + ABLATIONS + REFERENCES)
+    names[TEACHER] = "Teacher"
+    baselines = [g for g, _ in HEADLINE if g not in (SCRATCH, "cmapkd") and any(r.group == g for r in runs)]
+    best = max(baselines, key=lambda g: aggregate(runs, g, g).mean["retrieval_mean"], default=None)
+    columns = tuple(
+        Col(f"{k.replace('-', '_')}_pct", k, f"{_SUBSET_HEADERS[k]} ({int(m.sum())})", "pct", "max",
+            "" if k == "all" else "Scene type" if k in SCENE_TYPES else "Smallest object")
+        for k, m in subsets.items()
+    )
+    if subsets:
+        refs = tuple(r for g in (TEACHER, INIT) if (r := subset_row(g, names[g])) is not None)
+        heads = tuple(r for g in (SCRATCH, best, "cmapkd") if g and (r := subset_row(g, names[g] + (" (best baseline)" if g == best else ""))) is not None)
+        abls = tuple(r for g, n in ABLATIONS if (r := subset_row(g, n)) is not None)
+        blocks6 = tuple(b for b in (refs, heads, abls) if b)
+    else:
+        blocks6 = ()
+    why = why or (f"the {ds} test split has no scene types or object sizes: the breakdown is skipped"
+                  if not subsets else "no ranks of these models")
+    subset_note = (
+        "Columns: all test images, each scene type, and the size class of the scene's smallest object "
+        "(EmojiScenes: small 20-24 px, medium 34-42 px, large 64-80 px on the 128 px canvas); the "
+        "number of test images in each is in the header. An image counts with its image->text query "
+        "and its captions' text->image queries; the gallery is always the whole test split."
+    )
+    t6 = Table(
+        number=6,
+        label="tab:by-scene",
+        caption=(
+            f"Retrieval mean recall (%, the mean of the six recalls) on the {ds} test split by scene type "
+            f"and by object size. {subset_note} Mean +- sample std (ddof=1) over the n training seeds "
+            "of each row (ablations: one seed; read them against the std of CMAPKD's row). The best "
+            "student per column is in bold; the teacher and the student at start are references."
+        ),
+        columns=columns,
+        blocks=blocks6,
+        empty_note=why,
+        flops_unit={},
+    )
+    comparisons = [("abl-p5only", "w/o visual pyramid (P5 only)"), (best, f"{names.get(best, best)} (best baseline)"),
+                   (SCRATCH, "Scratch")]
+    rows7 = []
+    mine = [rk for _, rk in ranks_of("cmapkd")] if subsets else []
+    for group, label in comparisons:
+        other = [rk for _, rk in ranks_of(group)] if group and mine else []
+        if not other:
+            continue
+        try:
+            deltas = {k: paired_delta(mine, other, images=m) for k, m in subsets.items()}
+        except RanksError as e:
+            raise ReportError(f"{ranks_dir}: cmapkd vs {group}: {e}") from e
+        rows7.append(Row(group=f"cmapkd-vs-{group}", name=f"CMAPKD (ours) - {label}", role="student",
+                         seeds=tuple(r.seed for r in runs if r.group == "cmapkd"), mean={}, std={}, devices=(),
+                         delta=deltas))
+    t7 = Table(
+        number=7,
+        label="tab:by-scene-delta",
+        caption=(
+            f"CMAPKD's mean recall minus that of another model (points) on the {ds} test split by scene "
+            f"type and by object size, seeds pooled, with a 95 % paired bootstrap interval over the test "
+            f"images of the column (each with its captions; 2000 resamples); an interval that contains 0 "
+            f"is no difference at this test-set size. {subset_note}"
+        ),
+        columns=tuple(Col(c.id.replace("_pct", "_delta"), c.key, c.header, "delta", None, c.group) for c in columns),
+        blocks=(tuple(rows7),) if rows7 else (),
+        empty_note=why if not subsets else "no ranks of CMAPKD or of the models it is compared with",
+        flops_unit={},
+    )
+    return [t6, t7]
+
+
 _METRIC_LABELS = {
     "retrieval_mean": "Mean R",
     **{f"retrieval_{d}_r{k}": f"{'I->T' if d == 'i2t' else 'T->I'} R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)},
@@ -722,8 +869,9 @@ def write_tables(
     ranks_dir: str | Path | None = None,
     methods: list[str] | None = None,
     imagenet_templates: str = "openai",
+    test_manifest: str | Path | None = None,
 ) -> dict:
-    """Load the metrics, build Tables 2-5 and write `TABLE_FILES` into `out_dir`.
+    """Load the metrics, build Tables 2-7 and write `TABLE_FILES` into `out_dir`.
 
     `seeds`: the training seeds of the current params; metrics of a seeded model (`<group>-s<N>`)
     with another seed are left out (files of an earlier `seeds` list stay in the metrics folder).
@@ -731,6 +879,8 @@ def write_tables(
     `stages`: params `stage_evals`; metrics of other intermediate stages (`cmapkd-<stage>-s<N>`) too.
     `methods`: params `baselines.methods`; metrics of other baselines (`<method>-s<N>`) are left out alike.
     `imagenet_templates`: params `prepare.paper.imagenet_templates`, named in Table 3's caption.
+    `test_manifest`: the test split's manifest-test.jsonl (scene types, object sizes): Tables 6-7,
+    written with `ranks_dir` (empty, saying why, for data without scene types).
     `ranks_dir`: per-query ranks (`<model>.npz`, evaluate's --ranks); Table 2 then gets every
     student's difference in mean recall to Scratch with its paired bootstrap interval.
     Returns a summary: the files written, the rows of each table, the groups ignored, the deltas."""
@@ -761,6 +911,10 @@ def write_tables(
                     ", ".join(str(r.path) for r in runs if r.group == g))
     deltas = deltas_vs_scratch(runs, ranks_dir) if ranks_dir is not None else {}
     tables = build_tables(runs, headline_metric, dataset, deltas, imagenet_templates)
+    given = ranks_dir is not None and test_manifest is not None
+    tables += build_subset_tables(runs, ranks_dir, test_subsets(test_manifest) if given else None, dataset,
+                                  why=None if given else "needs the per-query ranks and the test manifest "
+                                                         "(cmapkd tables --ranks ... --data ...)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Loss-weight sensitivity through DVC's experiment queue (issue 17; docs/sweep.md):
+#   bash scripts/sweep.sh [PARAM=V1,V2,... ...] [-- extra `dvc exp run` arguments]
+# Default: lambda2=0.1,0.25,0.5,1.0. Each value of each PARAM (any params.yaml key, one changed at a
+# time) becomes an experiment `sweep-PARAM-VALUE` (`dvc exp run --queue -S PARAM=VALUE`), run one
+# at a time by `dvc queue start` in DVC's temporary workspaces: the workspace's own params and
+# results are never changed, and stages a value does not touch come from the DVC cache (run
+# `dvc repro` first). The experiments skip the ablations and the stage evaluations (ablation_runs=[],
+# stage_evals=[]): the sweep reads CMAPKD's own rows. Then `python -m cmapkd.report.sweep` writes
+# reports/sweep/sweep.{md,csv,tex,png,pdf} from `dvc exp show --json`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+source .venv/bin/activate
+sweeps=()
+extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --) shift; extra=("$@"); break ;;
+    *=*) sweeps+=("$1"); shift ;;
+    *) echo "sweep: expected PARAM=V1,V2,... (or -- then dvc exp run arguments), got '$1'" >&2; exit 2 ;;
+  esac
+done
+[ ${#sweeps[@]} -gt 0 ] || sweeps=("lambda2=0.1,0.25,0.5,1.0")
+restrict=(-S 'ablation_runs=[]' -S 'stage_evals=[]')
+params=()
+names=()
+for s in "${sweeps[@]}"; do
+  p="${s%%=*}"
+  IFS=, read -ra values <<< "${s#*=}"
+  params+=(--param "$p")
+  for v in "${values[@]}"; do
+    # a typo in the key or a value of the wrong type stops here, before anything is queued
+    cmapkd params -S "$p=$v" "${restrict[@]}" >/dev/null
+    name="sweep-$p-$v"
+    dvc exp remove "$name" >/dev/null 2>&1 || true   # an earlier sweep's experiment of the same name
+    dvc exp run --queue -n "$name" -S "$p=$v" "${restrict[@]}" ${extra[@]+"${extra[@]}"}
+    names+=("$name")
+  done
+done
+start=$SECONDS
+dvc queue start -j 1
+while dvc queue status 2>/dev/null | grep -qE "Queued|Running"; do
+  sleep 15
+  echo "sweep: $(dvc queue status 2>/dev/null | grep -cE "Success") done, $((SECONDS - start)) s"
+done
+failed=0
+for name in "${names[@]}"; do
+  if dvc queue status 2>/dev/null | grep -E "^[0-9a-f]+ +$name " | grep -q Failed; then
+    echo "sweep: experiment $name failed; its log:" >&2
+    dvc queue logs "$name" >&2 || true
+    failed=1
+  fi
+done
+[ $failed = 0 ] || exit 1
+echo "sweep: ${#names[@]} experiments in $((SECONDS - start)) s"
+python -m cmapkd.report.sweep "${params[@]}" --out reports/sweep
