@@ -33,20 +33,31 @@ for s in "${sweeps[@]}"; do
     # a typo in the key or a value of the wrong type stops here, before anything is queued
     cmapkd params -S "$p=$v" "${restrict[@]}" >/dev/null
     name="sweep-$p-$v"
-    dvc exp remove "$name" >/dev/null 2>&1 || true   # an earlier sweep's experiment of the same name
+    # an earlier sweep's experiment and queue entry of the same name
+    dvc exp remove "$name" >/dev/null 2>&1 || true
+    dvc queue remove "$name" >/dev/null 2>&1 || true
     dvc exp run --queue -n "$name" -S "$p=$v" "${restrict[@]}" ${extra[@]+"${extra[@]}"}
     names+=("$name")
   done
 done
 start=$SECONDS
 dvc queue start -j 1
-while dvc queue status 2>/dev/null | grep -qE "Queued|Running"; do
+# the status of each of this sweep's experiments (empty while `dvc queue status` cannot answer, e.g.
+# while the worker holds DVC's lock)
+status_of() { grep -E "^[0-9a-f]+ +$1 " <<< "$2" | awk '{print $NF}'; }
+while true; do
   sleep 15
-  echo "sweep: $(dvc queue status 2>/dev/null | grep -cE "Success") done, $((SECONDS - start)) s"
+  out=$(dvc queue status 2>/dev/null) || continue
+  done_n=0
+  for name in "${names[@]}"; do
+    case "$(status_of "$name" "$out")" in Success|Failed) done_n=$((done_n + 1)) ;; esac
+  done
+  echo "sweep: $done_n of ${#names[@]} experiments finished, $((SECONDS - start)) s"
+  [ "$done_n" -lt "${#names[@]}" ] || break
 done
 failed=0
 for name in "${names[@]}"; do
-  if dvc queue status 2>/dev/null | grep -E "^[0-9a-f]+ +$name " | grep -q Failed; then
+  if [ "$(status_of "$name" "$out")" = Failed ]; then
     echo "sweep: experiment $name failed; its log:" >&2
     dvc queue logs "$name" >&2 || true
     failed=1

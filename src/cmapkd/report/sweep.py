@@ -30,6 +30,7 @@ import yaml
 PREFIX = "sweep"
 METRICS = (("retrieval_mean", "CMAPKD test mean recall (%)"), ("vqa_probe_overall", "CMAPKD VQA probe (%)"))
 _CMAPKD = re.compile(r"^reports/metrics/cmapkd-s(?P<seed>\d+)\.json$")
+_SCRATCH = re.compile(r"^reports/metrics/scratch-s(?P<seed>\d+)\.json$")
 
 
 class SweepError(ValueError):
@@ -49,6 +50,7 @@ class Point:
     seeds: tuple[int, ...]
     mean: dict[str, float]  # metric -> mean over seeds (fraction)
     std: dict[str, float | None]  # None with one seed
+    scratch: dict[str, float] | None = None  # Scratch's mean over the same seeds (a reference line), if run
 
 
 def _get(params: dict, dotted: str):
@@ -90,18 +92,22 @@ def collect(records: list, params: list[str]) -> dict[str, list[Point]]:
             if e.get("error"):
                 raise SweepError(f"experiment {e['name']}: {e['error']}")
             values = (e.get("params") or {}).get("params.yaml", {}).get("data") or {}
-            runs = {}
+            runs, scratch_runs = {}, {}
             for path, m in (e.get("metrics") or {}).items():
-                hit = _CMAPKD.match(path)
-                if hit and m.get("data"):
-                    runs[int(hit["seed"])] = m["data"]
+                for pattern, into in ((_CMAPKD, runs), (_SCRATCH, scratch_runs)):
+                    hit = pattern.match(path)
+                    if hit and m.get("data"):
+                        into[int(hit["seed"])] = m["data"]
             seeds = [s for s in _get(values, "seeds") if s in runs]
             if not seeds:
                 raise SweepError(f"experiment {e['name']}: no reports/metrics/cmapkd-s*.json of its seeds {_get(values, 'seeds')}")
             mean, std = {}, {}
             for key, _ in METRICS:
                 mean[key], std[key] = _mean_std([float(runs[s][key]) for s in seeds])
-            found[p].append(Point(p, float(_get(values, p)), e["name"], tuple(seeds), mean, std))
+            scratch = None
+            if all(s in scratch_runs for s in seeds):
+                scratch = {key: _mean_std([float(scratch_runs[s][key]) for s in seeds])[0] for key, _ in METRICS}
+            found[p].append(Point(p, float(_get(values, p)), e["name"], tuple(seeds), mean, std, scratch))
     for p, pts in found.items():
         if not pts:
             raise SweepError(f"no finished experiment named {PREFIX}-{p}-* (run scripts/sweep.sh {p}=...)")
@@ -160,7 +166,7 @@ def _figure(points: dict[str, list[Point]], defaults: dict[str, float], out: Pat
 
     plt.rcParams.update({"svg.hashsalt": "cmapkd", "pdf.compression": 6})
     cols = len(points)
-    fig, axes = plt.subplots(len(METRICS), cols, figsize=(3.6 * cols, 5.2), squeeze=False, sharex="col")
+    fig, axes = plt.subplots(len(METRICS), cols, figsize=(max(4.8, 3.6 * cols), 5.6), squeeze=False, sharex="col")
     for j, (p, pts) in enumerate(points.items()):
         xs = [x.value for x in pts]
         for i, (key, label) in enumerate(METRICS):
@@ -169,6 +175,9 @@ def _figure(points: dict[str, list[Point]], defaults: dict[str, float], out: Pat
             err = [0.0 if x.std[key] is None else 100 * x.std[key] for x in pts]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color="#4477AA")
             ax.axvline(defaults[p], color="#EE6677", linestyle="--", linewidth=1, label="params.yaml default")
+            ref = [x.scratch[key] for x in pts if x.scratch]
+            if ref:  # Scratch does not depend on the loss weights: one level, the mean over experiments
+                ax.axhline(100 * sum(ref) / len(ref), color="#228833", linestyle=":", linewidth=1.2, label="Scratch (same seeds)")
             if i == len(METRICS) - 1:
                 ax.set_xlabel(p)
             if j == 0:
@@ -178,7 +187,7 @@ def _figure(points: dict[str, list[Point]], defaults: dict[str, float], out: Pat
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="best")
     n = sorted({len(x.seeds) for pts in points.values() for x in pts})
-    fig.suptitle(f"CMAPKD sensitivity to the loss weights (mean ± std over {'/'.join(map(str, n))} seeds)", fontsize=10)
+    fig.suptitle(f"CMAPKD sensitivity to the loss weights\n(mean ± std over {'/'.join(map(str, n))} seeds per value)", fontsize=10)
     fig.tight_layout()
     files = []
     for ext in ("png", "pdf"):
