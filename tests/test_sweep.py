@@ -5,6 +5,7 @@ recorded structure), and `bash scripts/sweep.sh` runs a two-value sweep through 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -90,7 +91,10 @@ def test_two_value_sweep_through_the_queue_on_quick_sizes(tmp_path: Path):
     (work / "dvc.lock").unlink(missing_ok=True)
     venv = work / ".venv"
     venv.symlink_to(ROOT / ".venv")
-    run = lambda *cmd: subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=1500)  # noqa: E731
+    # DVC commits each experiment: give git an identity where the machine has none configured
+    env = {"GIT_AUTHOR_NAME": "cmapkd test", "GIT_AUTHOR_EMAIL": "test@cmapkd.invalid",
+           "GIT_COMMITTER_NAME": "cmapkd test", "GIT_COMMITTER_EMAIL": "test@cmapkd.invalid"} | dict(os.environ)
+    run = lambda *cmd: subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=1500)  # noqa: E731
     sets = [a for o in _quick_overrides() for a in ("-S", o)]
     r = run(str(venv / "bin" / "cmapkd"), "params", *sets, "--out", "params.yaml")
     assert r.returncode == 0, r.stderr
