@@ -51,6 +51,26 @@ def test_collect_means_over_the_experiments_seeds_and_sorts_by_value():
         sweep.collect(broken, ["lambda2"])
 
 
+def test_experiments_are_found_under_every_commit_and_the_newest_run_of_a_name_wins(monkeypatch):
+    old = _exp("sweep-lambda2-0.1", 0.1, {0: 0.10, 1: 0.10})
+    old["data"]["timestamp"] = "2026-12-01T10:00:00"
+    new = _exp("sweep-lambda2-0.1", 0.1, {0: 0.30, 1: 0.30})
+    new["data"]["timestamp"] = "2026-12-02T10:00:00"
+    calls = []
+
+    def fake_dvc(*args):
+        calls.append(args)
+        if args[:2] == ("exp", "list"):
+            return "aaaaaaa:\n\t1111111 [sweep-lambda2-0.1]\nbbbbbbb:\n\t2222222 [quick]\ncccccc1:\n\t3333333 [sweep-lambda2-0.1]\n"
+        return json.dumps(_records(old if args[4] == "aaaaaaa" else new))
+
+    monkeypatch.setattr(sweep, "_dvc", fake_dvc)
+    records = sweep.read_experiments(["lambda2"])
+    assert [c[4] for c in calls if c[1] == "show"] == ["aaaaaaa", "cccccc1"]  # not the commit with only "quick"
+    (pt,) = sweep.collect(records, ["lambda2"])["lambda2"]
+    assert pt.mean["retrieval_mean"] == pytest.approx(0.30)
+
+
 def test_report_marks_the_default_and_writes_every_file(tmp_path: Path):
     records = _records(_exp("sweep-lambda2-0.1", 0.1, {0: 0.20, 1: 0.22}), _exp("sweep-lambda2-0.5", 0.5, {0: 0.25, 1: 0.27}))
     exp_json = tmp_path / "exps.json"

@@ -70,15 +70,41 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 def _experiments(records: list) -> list[dict]:
-    """Every experiment's data dict (name added) from `dvc exp show --json` output."""
-    out = []
+    """Every experiment's data dict (name added) from `dvc exp show --json` output; an experiment
+    name found under several commits keeps its newest run."""
+    out: dict[str, dict] = {}
     for baseline in records:
         for exp in baseline.get("experiments") or []:
             for rev in exp.get("revs") or []:
                 data = rev.get("data")
                 if rev.get("name") and data:
-                    out.append({"name": rev["name"], **data, "error": rev.get("error")})
-    return out
+                    e = {"name": rev["name"], **data, "error": rev.get("error")}
+                    if rev["name"] not in out or str(e.get("timestamp") or "") > str(out[rev["name"]].get("timestamp") or ""):
+                        out[rev["name"]] = e
+    return list(out.values())
+
+
+def _dvc(*args: str) -> str:
+    r = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SweepError(f"dvc {' '.join(args)} failed: {r.stderr.strip()}")
+    return r.stdout
+
+
+def read_experiments(params: list[str]) -> list:
+    """`dvc exp show --json` records of every commit that has experiments of this sweep (found with
+    `dvc exp list -A`): a sweep run before the last commit is still found, without the minutes
+    that `dvc exp show -A` spends on every commit of the history."""
+    revs, rev = [], None
+    for line in _dvc("exp", "list", "-A").splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith(":"):
+            rev = line.strip()[:-1]
+        elif rev and any(f"[{PREFIX}-{p}-" in line for p in params) and rev not in revs:
+            revs.append(rev)
+    records = []
+    for rev in revs:
+        records += json.loads(_dvc("exp", "show", "--json", "--rev", rev, "-n", "1"))
+    return records
 
 
 def collect(records: list, params: list[str]) -> dict[str, list[Point]]:
@@ -201,7 +227,7 @@ def _figure(points: dict[str, list[Point]], defaults: dict[str, float], out: Pat
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cmapkd.report.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("--param", action="append", required=True, help="a swept params key (repeatable)")
-    ap.add_argument("--exp-json", default=None, help="saved `dvc exp show --json` output (default: run it)")
+    ap.add_argument("--exp-json", default=None, help="saved `dvc exp show --json` output (default: ask dvc)")
     ap.add_argument("--params", default="params.yaml", help="params file with the defaults (default: params.yaml)")
     ap.add_argument("--out", default="reports/sweep", help="output folder")
     args = ap.parse_args(argv)
@@ -209,10 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.exp_json:
             records = json.loads(Path(args.exp_json).read_text(encoding="utf-8"))
         else:
-            r = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
-            if r.returncode != 0:
-                raise SweepError(f"dvc exp show --json failed: {r.stderr.strip()}")
-            records = json.loads(r.stdout)
+            records = read_experiments(args.param)
         base = yaml.safe_load(Path(args.params).read_text(encoding="utf-8"))
         defaults = {p: float(_get(base, p)) for p in args.param}
         points = collect(records, args.param)
