@@ -22,6 +22,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ ${#sweeps[@]} -gt 0 ] || sweeps=("lambda2=0.1,0.25,0.5,1.0")
+# DVC commits every experiment: without a git identity on this machine, use a neutral one
+if [ -z "$(git config user.name || true)" ] && [ -z "${GIT_AUTHOR_NAME:-}" ]; then
+  export GIT_AUTHOR_NAME="cmapkd sweep" GIT_AUTHOR_EMAIL="sweep@cmapkd.invalid"
+  export GIT_COMMITTER_NAME="cmapkd sweep" GIT_COMMITTER_EMAIL="sweep@cmapkd.invalid"
+fi
 restrict=(-S 'ablation_runs=[]' -S 'stage_evals=[]')
 params=()
 names=()
