@@ -61,12 +61,17 @@ def describe_trainable(blocks) -> str:
     return "heads" + "".join(f" + {x}" for x in parts)
 
 
-def lr_overrides(method: str, lr: float) -> list[str]:
-    """The overrides that set a method's peak learning rate (module docstring)."""
+CHAIN_RATIOS = (1.0, 2 / 3, 1 / 3, 1 / 6)  # params.yaml's stage 1 : 2 : 3 : 4b student lrs
+
+
+def lr_overrides(method: str, lr: float, ratios=CHAIN_RATIOS) -> list[str]:
+    """The overrides that set a method's peak learning rate (module docstring); for CMAPKD, `ratios`
+    are the stage 1 : 2 : 3 : 4b student (and adapter) rates relative to `lr`."""
     if method != "cmapkd":
         return [f"baselines.lr.{method}={lr}"]
-    return [f"distill.stage1.lr={lr}", f"distill.stage2.lr={lr * 2 / 3}", f"distill.stage3.lr={lr / 3}",
-            f"distill.stage4.lr_student={lr / 6}", f"distill.stage4.lr_adapters={lr / 6}"]
+    r1, r2, r3, r4 = ratios
+    return [f"distill.stage1.lr={lr * r1}", f"distill.stage2.lr={lr * r2}", f"distill.stage3.lr={lr * r3}",
+            f"distill.stage4.lr_student={lr * r4}", f"distill.stage4.lr_adapters={lr * r4}"]
 
 
 def prepare_candidate(name: str, overrides: list[str], work: Path, data: Path, teacher: Path, device) -> tuple[Path, Path, dict]:
@@ -105,17 +110,19 @@ def train_one(params, method: str, seed: int, init: Path, cache: Path, data: Pat
 
     out = work / "runs" / f"{method}-s{seed}"
     shutil.rmtree(out, ignore_errors=True)
-    t0, steps, prev = time.perf_counter(), 0, None
+    t0, steps, prev, stage_vals = time.perf_counter(), 0, None, []
     for name in (CHAIN if method == "cmapkd" else (method,)):
         stage_out = out / name
         s = run(params, name, data, teacher, cache, prev, stage_out, work / "scratch", None, device,
                 progress=False, seed=seed, model_id=f"search-{method}-s{seed}", student_init=init)
         steps += s["steps"] if name != "stage4a" else 0  # 4a trains only the ALSN (no student update)
+        stage_vals.append(s["val"]["retrieval_mean"])
         prev = stage_out
     seconds = time.perf_counter() - t0
     img_cos = val_image_cosine(params, prev, data, teacher, device)
     shutil.rmtree(out, ignore_errors=True)
-    return {"val": s["val"]["retrieval_mean"], "steps": steps, "seconds": seconds, "img_cos": img_cos}
+    return {"val": s["val"]["retrieval_mean"], "steps": steps, "seconds": seconds, "img_cos": img_cos,
+            "stage_vals": stage_vals}
 
 
 def val_image_cosine(params, model_dir: Path, data: Path, teacher: Path, device) -> float:
@@ -138,6 +145,10 @@ def main() -> int:
     ap.add_argument("--lrs", nargs="+", type=float, default=None, help="default: 1e-3 (regime); 3e-4 1e-3 3e-3 (lr search)")
     ap.add_argument("--lr-search", action="store_true",
                     help="every method x the lrs (candidates default: params.yaml's student)")
+    ap.add_argument("--chain-ratios", nargs=4, type=float, default=list(CHAIN_RATIOS), metavar="R",
+                    help="CMAPKD: stage 1, 2, 3 and 4b rates as multiples of the row's lr (default: params.yaml's)")
+    ap.add_argument("--term-sets", nargs="+", default=None, metavar="TERMS",
+                    help="CMAPKD: one row per comma-separated subset of loss.terms (e.g. task intra_v,task)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra params override for all runs")
     ap.add_argument("--data", type=Path, default=ROOT / "data/processed/emojiscenes")
     ap.add_argument("--teacher", type=Path, default=ROOT / "models/teacher")
@@ -159,7 +170,7 @@ def main() -> int:
     if args.candidates is None:
         args.candidates = ["default"] if args.lr_search else ["heads", "last2"]
     args.work.mkdir(parents=True, exist_ok=True)
-    rows, records = [], []
+    rows, records, chains = [], [], []
     for cand in args.candidates:
         student, trains, overrides = CANDIDATES[cand]
         overrides = overrides + args.set
@@ -172,28 +183,43 @@ def main() -> int:
         rows.append((student, trains, "start (no training)", "", 0, "", "",
                      f"{100 * start.get('retrieval_mean', float('nan')):.1f}", f"{start_cos:.2f}"))
         for method in args.methods:
+            term_sets = args.term_sets if method == "cmapkd" and args.term_sets else [None]
             for lr in args.lrs:
-                params = load_params(overrides=overrides + lr_overrides(method, lr))
-                got = []
-                for seed in args.seeds:
-                    r = train_one(params, method, seed, init, cache, args.data, args.teacher, args.work, device)
-                    got.append(r)
-                    records.append({"candidate": cand, "method": method, "lr": lr, "seed": seed, **r})
-                    print(f"# {cand} {method} lr={lr:g} seed={seed}: val mean recall {100 * r['val']:.2f} "
-                          f"({r['steps']} steps, {r['seconds']:.0f} s)", file=sys.stderr, flush=True)
-                vals = np.array([g["val"] for g in got]) * 100
-                std = f" ± {vals.std(ddof=1):.1f}" if len(vals) > 1 else ""
-                ms = 1000 * sum(g["seconds"] for g in got) / max(1, sum(g["steps"] for g in got))
-                cos = np.mean([g["img_cos"] for g in got])
-                rows.append((student, trains, method, f"{lr:g}", got[0]["steps"], params.distill.batch_size,
-                             f"{ms:.0f}", f"{vals.mean():.1f}{std}", f"{cos:.2f}"))
+                for terms in term_sets:
+                    extra = [f"loss.terms=[{terms}]"] if terms else []
+                    params = load_params(overrides=overrides + extra + lr_overrides(method, lr, args.chain_ratios))
+                    label = f"{method} ({terms.replace(',', ' + ')})" if terms else method
+                    got = []
+                    for seed in args.seeds:
+                        r = train_one(params, method, seed, init, cache, args.data, args.teacher, args.work, device)
+                        got.append(r)
+                        records.append({"candidate": cand, "method": method, "terms": terms, "lr": lr, "seed": seed, **r})
+                        print(f"# {cand} {label} lr={lr:g} seed={seed}: val mean recall {100 * r['val']:.2f} "
+                              f"({r['steps']} steps, {r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+                    vals = np.array([g["val"] for g in got]) * 100
+                    std = f" ± {vals.std(ddof=1):.1f}" if len(vals) > 1 else ""
+                    ms = 1000 * sum(g["seconds"] for g in got) / max(1, sum(g["steps"] for g in got))
+                    cos = np.mean([g["img_cos"] for g in got])
+                    rows.append((student, trains, label, f"{lr:g}", got[0]["steps"], params.distill.batch_size,
+                                 f"{ms:.0f}", f"{vals.mean():.1f}{std}", f"{cos:.2f}"))
+                    if method == "cmapkd":
+                        per_stage = np.array([g["stage_vals"] for g in got]) * 100
+                        chains.append((label, f"{lr:g}", " / ".join(f"{v:.1f}" for v in per_stage.mean(0))))
     settings = " ".join(f"`{o}`" for o in args.set) or "none"
+    if "cmapkd" in args.methods and tuple(args.chain_ratios) != CHAIN_RATIOS:
+        settings += "; CMAPKD stage lr ratios " + " : ".join(f"{r:g}" for r in args.chain_ratios)
     print(f"seeds {' '.join(map(str, args.seeds))}; val split; overrides of params.yaml: {settings}; "
           f"ms/step includes the val evaluation and start-up of each run\n")
     print("| student | what trains | method | lr | steps | batch | ms/step | val mean recall (%) | val image cos |")
     print("|---|---|---|---|--:|--:|--:|--:|--:|")
     for r in rows:
         print("| " + " | ".join(str(x) for x in r) + " |")
+    if chains:
+        print("\nCMAPKD's val mean recall after each stage of its chain (mean over the seeds):\n")
+        print("| method | lr (stage 1) | val after stages 1 / 2 / 3 / 4a / 4b (%) |")
+        print("|---|--:|---|")
+        for c in chains:
+            print("| " + " | ".join(c) + " |")
     if args.json:
         args.json.write_text(json.dumps(records, indent=2))
     return 0
