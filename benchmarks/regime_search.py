@@ -12,6 +12,8 @@ plus the val mean recall of the student at start (no training) for every candida
     python benchmarks/regime_search.py --lr-search        # every method x the lr grid (docs/lr_search.md)
     python benchmarks/regime_search.py --candidates default --methods c2kd --lrs 1e-3 --seeds 0 \
         --set baselines.c2kd.proxy_weight=0                # one question (docs/regime_search.md, "Diagnosis")
+    python benchmarks/regime_search.py --candidates default --methods cmapkd --lrs 3e-4 \
+        --term-sets task intra_v,task                       # CMAPKD's chain with subsets of its loss terms
 
 Candidates are params overrides on top of params.yaml (`CANDIDATES`); a candidate whose student
 differs from params.yaml's gets its own `student_init` (the same routine as the DVC stage) and,
