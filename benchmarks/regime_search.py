@@ -63,10 +63,13 @@ def describe_trainable(blocks) -> str:
     return "heads" + "".join(f" + {x}" for x in parts)
 
 
-CHAIN_RATIOS = (1.0, 2 / 3, 1 / 3, 1 / 6)  # params.yaml's stage 1 : 2 : 3 : 4b student lrs
+def chain_ratios(params) -> tuple[float, float, float, float]:
+    """params.yaml's CMAPKD stage 1 : 2 : 3 : 4b student rates, relative to stage 1's."""
+    d = params.distill
+    return tuple(x / d.stage1.lr for x in (d.stage1.lr, d.stage2.lr, d.stage3.lr, d.stage4.lr_student))
 
 
-def lr_overrides(method: str, lr: float, ratios=CHAIN_RATIOS) -> list[str]:
+def lr_overrides(method: str, lr: float, ratios) -> list[str]:
     """The overrides that set a method's peak learning rate (module docstring); for CMAPKD, `ratios`
     are the stage 1 : 2 : 3 : 4b student (and adapter) rates relative to `lr`."""
     if method != "cmapkd":
@@ -147,7 +150,7 @@ def main() -> int:
     ap.add_argument("--lrs", nargs="+", type=float, default=None, help="default: 1e-3 (regime); 3e-4 1e-3 3e-3 (lr search)")
     ap.add_argument("--lr-search", action="store_true",
                     help="every method x the lrs (candidates default: params.yaml's student)")
-    ap.add_argument("--chain-ratios", nargs=4, type=float, default=list(CHAIN_RATIOS), metavar="R",
+    ap.add_argument("--chain-ratios", nargs=4, type=float, default=None, metavar="R",
                     help="CMAPKD: stage 1, 2, 3 and 4b rates as multiples of the row's lr (default: params.yaml's)")
     ap.add_argument("--term-sets", nargs="+", default=None, metavar="TERMS",
                     help="CMAPKD: one row per comma-separated subset of loss.terms (e.g. task intra_v,task)")
@@ -165,6 +168,9 @@ def main() -> int:
     runtime.configure_hub("embedded")
     torch.set_num_threads(torch.get_num_threads())
     device = torch.device("cpu")
+    default_ratios = chain_ratios(load_params())
+    if args.chain_ratios is None:
+        args.chain_ratios = list(default_ratios)
     if args.lr_search:
         args.methods = list(ALL_METHODS)
     if args.lrs is None:
@@ -208,7 +214,7 @@ def main() -> int:
                         per_stage = np.array([g["stage_vals"] for g in got]) * 100
                         chains.append((label, f"{lr:g}", " / ".join(f"{v:.1f}" for v in per_stage.mean(0))))
     settings = " ".join(f"`{o}`" for o in args.set) or "none"
-    if "cmapkd" in args.methods and tuple(args.chain_ratios) != CHAIN_RATIOS:
+    if "cmapkd" in args.methods and not np.allclose(args.chain_ratios, default_ratios):
         settings += "; CMAPKD stage lr ratios " + " : ".join(f"{r:g}" for r in args.chain_ratios)
     print(f"seeds {' '.join(map(str, args.seeds))}; val split; overrides of params.yaml: {settings}; "
           f"ms/step includes the val evaluation and start-up of each run\n")
