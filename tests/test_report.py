@@ -273,6 +273,29 @@ def test_figdata_errors_name_file_and_key(tmp_path: Path):
         figures.load_figdata(p3)
 
 
+def test_ranks_errors_name_file_and_problem(tmp_path: Path):
+    from cmapkd.report.stats import RanksError, read_ranks
+
+    good = tmp_path / "good.npz"
+    np.savez(good, i2t_rank=np.array([0, 3]), t2i_rank=np.array([1, 0, 12]), text_to_image=np.array([0, 0, 1]))
+    r = read_ranks(good)
+    assert r.i2t.tolist() == [0, 3] and r.t2i.tolist() == [1, 0, 12] and r.t2i.dtype == np.int64
+    with pytest.raises(RanksError, match=r"absent\.npz: per-query ranks .* not found"):
+        read_ranks(tmp_path / "absent.npz")
+    np.savez(tmp_path / "nokey.npz", i2t_rank=np.array([0]), t2i_rank=np.array([0]))
+    with pytest.raises(RanksError, match=r"nokey\.npz: missing key\(s\) text_to_image"):
+        read_ranks(tmp_path / "nokey.npz")
+    np.savez(tmp_path / "obj.npz", i2t_rank=np.array([0]), t2i_rank=np.array([{}], dtype=object), text_to_image=np.array([0]))
+    with pytest.raises(RanksError, match=r"obj\.npz: key 't2i_rank' cannot be read without pickle"):
+        read_ranks(tmp_path / "obj.npz")
+    (tmp_path / "text.npz").write_text("not an npz")
+    with pytest.raises(RanksError, match=r"text\.npz: not a readable \.npz file"):
+        read_ranks(tmp_path / "text.npz")
+    np.savez(tmp_path / "len.npz", i2t_rank=np.array([0]), t2i_rank=np.array([0, 1]), text_to_image=np.array([0]))
+    with pytest.raises(RanksError, match=r"len\.npz: t2i_rank has"):
+        read_ranks(tmp_path / "len.npz")
+
+
 def test_figures_stage_missing_figdata(tmp_path: Path, capsys):
     from cmapkd.stages.figures import main
 

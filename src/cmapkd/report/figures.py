@@ -33,6 +33,7 @@ from typing import Mapping
 
 import numpy as np
 
+from cmapkd.report.npz import read_npz
 from cmapkd.report.tables import ReportError
 
 SCENE_TYPES = ("simple", "complex", "fine-grained", "abstract")
@@ -95,23 +96,7 @@ class FigData:
 def load_figdata(path: str | Path) -> FigData:
     """Read and check one figdata npz; a `ReportError` names the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ReportError(f"{path}: figdata file not found (run the evaluate stage first)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in FIGDATA_KEYS if k not in z.files]
-            if missing:
-                raise ReportError(f"{path}: missing key(s) {', '.join(missing)}")
-            arrays = {}
-            for k in FIGDATA_KEYS:
-                try:
-                    arrays[k] = z[k]
-                except ValueError as e:  # object arrays need pickle: refuse them
-                    raise ReportError(f"{path}: key '{k}' cannot be read without pickle ({e}); save strings as str arrays") from e
-    except (OSError, ValueError) as e:
-        if isinstance(e, ReportError):
-            raise
-        raise ReportError(f"{path}: not a readable .npz file ({e})") from e
+    arrays = read_npz(path, FIGDATA_KEYS, ReportError, "figdata file (the evaluate stage writes it)")
     n = arrays["sample_index"].shape[0] if arrays["sample_index"].ndim == 1 else -1
     if n < 1:
         raise ReportError(f"{path}: key 'sample_index' must be a non-empty 1-d array, got shape {arrays['sample_index'].shape}")

@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cmapkd.report.npz import read_npz
+
 KS = (1, 5, 10)
 RANK_KEYS = ("i2t_rank", "t2i_rank", "text_to_image")
 
@@ -52,15 +54,7 @@ class Delta:
 
 def read_ranks(path: str | Path) -> Ranks:
     path = Path(path)
-    if not path.is_file():
-        raise RanksError(f"{path}: per-query ranks not found (the evaluate stage writes them with --ranks)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            got = {k: np.asarray(z[k]) for k in RANK_KEYS}
-    except KeyError as e:
-        raise RanksError(f"{path}: missing array {e} (expected {', '.join(RANK_KEYS)})") from e
-    except (OSError, ValueError) as e:
-        raise RanksError(f"{path}: not a readable .npz ({e})") from e
+    got = read_npz(path, RANK_KEYS, RanksError, "per-query ranks (the evaluate stage writes them with --ranks)")
     if got["t2i_rank"].shape != got["text_to_image"].shape:
         raise RanksError(f"{path}: t2i_rank has {got['t2i_rank'].shape} entries, text_to_image {got['text_to_image'].shape}")
     return Ranks(got["i2t_rank"].astype(np.int64), got["t2i_rank"].astype(np.int64), got["text_to_image"].astype(np.int64))
