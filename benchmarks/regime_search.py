@@ -10,6 +10,7 @@ plus the val mean recall of the student at start (no training) for every candida
 
     python benchmarks/regime_search.py                    # the regime table (docs/regime_search.md)
     python benchmarks/regime_search.py --lr-search        # every method x the lr grid (docs/lr_search.md)
+    python benchmarks/regime_search.py --from-json A.json B.json   # method x lr table of saved runs
     python benchmarks/regime_search.py --candidates default --methods c2kd --lrs 1e-3 --seeds 0 \
         --set baselines.c2kd.proxy_weight=0                # one question (docs/regime_search.md, "Diagnosis")
     python benchmarks/regime_search.py --candidates default --methods cmapkd --lrs 3e-4 \
@@ -130,6 +131,35 @@ def train_one(params, method: str, seed: int, init: Path, cache: Path, data: Pat
             "stage_vals": stage_vals}
 
 
+def lr_table(records: list[dict]) -> str:
+    """Markdown table, one row per method (and term set) and one column per learning rate: val mean
+    recall mean +- std over the seeds (n when not 2), the best rate of each row in bold, and the val
+    image cosine at that rate. `records` are the `--json` records of one or more runs of this script."""
+    cells: dict[tuple[str, float], list[dict]] = {}
+    for r in records:
+        label = f"{r['method']} ({r['terms'].replace(',', ' + ')})" if r.get("terms") else r["method"]
+        cells.setdefault((label, float(r["lr"])), []).append(r)
+    lrs = sorted({lr for _, lr in cells})
+    labels = list(dict.fromkeys(label for label, _ in cells))
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr | val image cos at best |",
+             "|---|" + "--:|" * (len(lrs) + 2)]
+    for label in labels:
+        means = {lr: 100 * np.mean([g["val"] for g in cells[label, lr]]) for lr in lrs if (label, lr) in cells}
+        best = max(means, key=means.get)
+        row = []
+        for lr in lrs:
+            if lr not in means:
+                row.append("")
+                continue
+            vals = 100 * np.array([g["val"] for g in cells[label, lr]])
+            txt = f"{vals.mean():.1f}" + (f" ± {vals.std(ddof=1):.1f}" if len(vals) > 1 else "")
+            txt += f" (n={len(vals)})" if len(vals) != 2 else ""
+            row.append(f"**{txt}**" if lr == best else txt)
+        cos = np.mean([g["img_cos"] for g in cells[label, best]])
+        lines.append(f"| {label} | " + " | ".join(row) + f" | {best:g} | {cos:.2f} |")
+    return "\n".join(lines)
+
+
 def val_image_cosine(params, model_dir: Path, data: Path, teacher: Path, device) -> float:
     """Mean pairwise cosine of the trained student's val image embeddings (the collapse check that
     `evaluate` runs on test, `img_emb_mean_cos`)."""
@@ -159,7 +189,16 @@ def main() -> int:
     ap.add_argument("--teacher", type=Path, default=ROOT / "models/teacher")
     ap.add_argument("--work", type=Path, default=ROOT / "scratch/regime_search")
     ap.add_argument("--json", type=Path, default=None, help="also write every run's numbers here")
+    ap.add_argument("--from-json", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="train nothing: print the method x lr table of the runs saved by --json")
     args = ap.parse_args()
+    if args.from_json:
+        records = [r for f in args.from_json for r in json.loads(f.read_text())]
+        seeds = sorted({r["seed"] for r in records})
+        print(f"val mean recall (%), mean ± std over seeds {' '.join(map(str, seeds))}; "
+              f"from {', '.join(f.name for f in args.from_json)}\n")
+        print(lr_table(records))
+        return 0
 
     from cmapkd import runtime
     from cmapkd.config import load_params
