@@ -54,7 +54,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing pinned Python dependencies (first run: several GB, about a minute)"
   # torch and torchvision are pinned together in the lock (PyPI CUDA builds; they run on CPU too).
   # uv (from PyPI, pinned) installs the same pinned lock as pip would, downloading in parallel:
-  # 33 s against pip's ~2.5 minutes on the 2-core machine (README "Known limits"). pip stays the
+  # 38-50 s for a fresh .venv against pip's 2 min 45 s on the 2-core machine (README "Known limits"). pip stays the
   # fallback where uv cannot be installed.
   pip_install() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
   if pip_install "uv==$UV_VERSION" 2>/dev/null && [ -x .venv/bin/uv ]; then
