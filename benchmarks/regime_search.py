@@ -74,7 +74,7 @@ def lr_overrides(method: str, lr: float, ratios) -> list[str]:
     """The overrides that set a method's peak learning rate (module docstring); for CMAPKD, `ratios`
     are the stage 1 : 2 : 3 : 4b student (and adapter) rates relative to `lr`."""
     if method != "cmapkd":
-        return [f"baselines.lr.{method}={lr}"]
+        return [f"baselines.{method}.lr={lr}"]
     r1, r2, r3, r4 = ratios
     return [f"distill.stage1.lr={lr * r1}", f"distill.stage2.lr={lr * r2}", f"distill.stage3.lr={lr * r3}",
             f"distill.stage4.lr_student={lr * r4}", f"distill.stage4.lr_adapters={lr * r4}"]

@@ -100,8 +100,8 @@ def test_registry_factory_and_learning_rates(params, teacher):
     with pytest.raises(ValueError, match="unknown baseline 'FitNet'"):
         baseline_lrs("FitNet", params)
     b = params.baselines
-    assert baseline_lrs("kd", params) == {"student": b.lr["kd"]}
-    assert baseline_lrs("fitnet", params) == {"student": b.lr["fitnet"], "adapters": b.lr["fitnet"]}
+    assert baseline_lrs("kd", params) == {"student": b.kd.lr}
+    assert baseline_lrs("fitnet", params) == {"student": b.fitnet.lr, "adapters": b.fitnet.lr}
     student = fresh_student(params)
     for name in NAMES:
         d = build_baseline(name, params, student, teacher=teacher)
@@ -142,7 +142,7 @@ def write(tmp_path: Path, raw: dict) -> Path:
 def test_params_section_loads_and_rejects_mistakes(tmp_path):
     b = load_params(["baselines"], path=ROOT / "params.yaml").baselines
     assert b.methods == NAMES
-    assert sorted(b.lr) == sorted(NAMES) and all(v > 0 for v in b.lr.values())
+    assert all(getattr(b, m).lr > 0 for m in NAMES)
     assert (b.task_weight, b.teacher_logit_scale) == (1.0, 100.0)
     assert (b.clipkd.crd_weight, b.clipkd.icl_weight, b.clipkd.fd_weight) == (1.0, 1.0, 2000.0)  # CLIP-KD's script
     assert isinstance(b.kd.temperature, float) and isinstance(b.fitnet.vis_level, int)

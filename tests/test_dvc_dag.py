@@ -45,6 +45,21 @@ def test_lambda2_reruns_only_cmapkd_and_what_reads_it(stages):
     assert not kinds & {"prepare", "teacher", "cache_teacher", "baseline", "evaluate_baseline", "evaluate_teacher"}
 
 
+def test_a_baseline_setting_reruns_only_that_baseline(stages):
+    """Each baseline stage records its own method's section only (a small dvc.lock, fewer re-runs):
+    `-S baselines.kd.lr=3e-4` re-runs KD's runs and what reads them, no other method."""
+    seeds = __import__("yaml").safe_load((ROOT / "params.yaml").read_text())["seeds"]
+    direct = {n for n, s in stages.items() if "baselines.kd" in s["params"]}
+    assert direct == {f"baseline@kd-{s}" for s in seeds}
+    rerun = downstream(stages, direct)
+    assert rerun == direct | {f"evaluate_baseline@kd-{s}" for s in seeds} | {"tables"}
+    for n, s in stages.items():
+        assert "baselines" not in s["params"] and "model" not in s["params"], n  # whole sections
+        if n.startswith(("baseline@", "stage", "ablation@", "evaluate_baseline@", "evaluate_cmapkd@")):
+            # the teacher reaches them through models/teacher and the cache, not its params
+            assert "model.teacher" not in s["params"] and "models/teacher" in s["deps"], n
+
+
 def test_every_training_stage_has_a_model_live_logs_and_metrics(stages):
     train = [n for n in stages if n.split("@")[0] in ("stage1", "stage2", "stage3", "stage4a", "stage4b",
                                                        "baseline", "ablation")]

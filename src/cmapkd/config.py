@@ -201,7 +201,7 @@ class AdaptiveSchedule:
 @dataclass(frozen=True)
 class DistillParams:
     """Shared recipe of every training run (CMAPKD stages, scratch, baselines). The baselines train
-    for as many student-updating epochs as CMAPKD's stages 1-3 + 4b, at `baselines.lr_*`."""
+    for as many student-updating epochs as CMAPKD's stages 1-3 + 4b, at `baselines.<method>.lr`."""
 
     teacher_mode: Literal["cached", "online"]  # cached: read cache_teacher's targets; online: run the teacher
     batch_size: int  # global batch (split over torchrun ranks)
@@ -302,9 +302,17 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class ScratchBaselineParams:
+    """Scratch: the student fine-tuned with the CLIP task loss alone (the reference row)."""
+
+    lr: float  # peak lr of the student (docs/lr_search.md)
+
+
+@dataclass(frozen=True)
 class KDBaselineParams:
     """Hinton KD on the in-batch similarity distributions (open_clip DistillClipLoss form)."""
 
+    lr: float  # peak lr of the student and the method's adapters (docs/lr_search.md)
     weight: float  # weight of `kd` = T^2 KL(teacher || student), mean of image->text and text->image
     temperature: float  # T (open_clip / CLIP-KD: 1)
 
@@ -313,6 +321,7 @@ class KDBaselineParams:
 class FitNetBaselineParams:
     """FitNet hints: student tap -> learned regressor -> teacher tap of the same level."""
 
+    lr: float  # peak lr of the student and the method's adapters (docs/lr_search.md)
     weight: float  # weight of `fitnet_v` and `fitnet_l` each
     vis_level: int  # 1..4 (P2..P5): image tap pair; the regressor maps the student's tap to the teacher's channels
     txt_level: int  # 1..4 (L1..L4): language level pair
@@ -323,6 +332,7 @@ class FitNetBaselineParams:
 class CLIPKDBaselineParams:
     """CLIP-KD (CVPR 2024) final recipe: CRD + ICL + FD on the final embeddings."""
 
+    lr: float  # peak lr of the student and the method's adapters (docs/lr_search.md)
     crd_weight: float  # in-batch KL, T = 1 (CLIP-KD: 1)
     icl_weight: float  # student image vs teacher text InfoNCE and vice versa (CLIP-KD: 1)
     fd_weight: float  # MSE of normalised embeddings, mean over elements (CLIP-KD: 2000)
@@ -332,6 +342,7 @@ class CLIPKDBaselineParams:
 class PromptKDBaselineParams:
     """PromptKD-adapted: student embedding -> 2-layer projector -> logits over teacher embeddings."""
 
+    lr: float  # peak lr of the student and the method's adapters (docs/lr_search.md)
     weight: float  # weight of each KL term (PromptKD: KD only, CE weight 0; here the task loss stays)
     temperature: float  # PromptKD: 1
     symmetric: bool  # also distil the student text tower against the teacher image embeddings
@@ -341,6 +352,7 @@ class PromptKDBaselineParams:
 class C2KDBaselineParams:
     """C2KD-adapted: student proxy heads, OFSD (Kendall tau) selection, non-target KD, frozen teacher."""
 
+    lr: float  # peak lr of the student and the method's adapters (docs/lr_search.md)
     ntkd_weight: float  # non-target KD teacher -> student proxy on the OFSD-selected rows
     proxy_weight: float  # bidirectional KL between the student proxy and the student's main logits
     krc: float  # OFSD threshold: rows with Kendall tau > krc get KD (C2KD default 0.0)
@@ -352,6 +364,7 @@ class C2KDBaselineParams:
 class LLaVAKDBaselineParams:
     """LLaVA-KD-adapted: MDist as KL on similarity distributions, RDist on visual-token Gram matrices."""
 
+    lr: float  # peak lr of the student and the method's adapters (docs/lr_search.md)
     mdist_res_weight: float  # image<->text distributions (MDist, response part)
     mdist_vis_weight: float  # image->image distributions (MDist, visual part)
     rdist_weight: float  # 1 - cos between visual-token self-correlation matrices
@@ -366,11 +379,10 @@ class BaselinesParams:
 
     # which baselines the `baseline` DVC stage trains (each once per seed of `seeds`)
     methods: list[Literal["scratch", "kd", "fitnet", "clipkd", "promptkd", "c2kd", "llavakd"]]
-    # peak lr of each baseline (its student and its student-side regressors / projections / proxies),
-    # every one chosen by the same search on val (docs/lr_search.md); a key for every method
-    lr: dict[Literal["scratch", "kd", "fitnet", "clipkd", "promptkd", "c2kd", "llavakd"], float]
     task_weight: float  # weight of the CLIP task loss (open_clip ClipLoss) in every teacher-based baseline
     teacher_logit_scale: float  # the cache holds no teacher logit scale: teacher logits = this x cosine
+    # one section per method, each with its `lr` (the same val search for every method, docs/lr_search.md)
+    scratch: ScratchBaselineParams
     kd: KDBaselineParams
     fitnet: FitNetBaselineParams
     clipkd: CLIPKDBaselineParams

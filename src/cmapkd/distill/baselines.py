@@ -581,13 +581,10 @@ def build_baseline(name: str, params, student: DualEncoder, teacher: DualEncoder
 
 
 def baseline_lrs(name: str, params) -> dict[str, float]:
-    """Peak learning rate of each optimizer group of baseline `name`: `baselines.lr[name]` for the
+    """Peak learning rate of each optimizer group of baseline `name`: `baselines.<name>.lr` for the
     student and the method's adapters alike."""
     cls = _check_name(name)
-    cfg = _section(params)
-    if name not in cfg.lr:
-        raise ValueError(f"params.yaml: baselines.lr has no learning rate for '{name}' (keys: {sorted(cfg.lr)})")
-    return {g: float(cfg.lr[name]) for g in cls.group_names}
+    return {g: float(getattr(_section(params), name).lr) for g in cls.group_names}
 
 
 __all__ = [
