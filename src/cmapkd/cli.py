@@ -2,7 +2,9 @@
 
 dvc.yaml runs every stage as `cmapkd <stage> ...`, which is `python -m cmapkd.stages.<stage> ...`
 started warm: a background server with torch, open_clip and transformers already imported forks
-the stage process (cmapkd.warm; CMAPKD_WARM=0 turns it off). Called as a library,
+the stage process (cmapkd.warm; CMAPKD_WARM=0 turns it off). The command first restarts itself
+once with glibc told to keep freed memory (runtime.keep_freed_memory_env; CMAPKD_KEEP_FREED_MEMORY=0
+turns it off), which the warm server and its stage processes inherit. Called as a library,
 `main([stage, *args])` runs the stage's `main` in this process and returns its status.
 """
 
@@ -23,6 +25,7 @@ def _epilog() -> str:
     lines += [f"  {n:<{width}}  {desc}" for n, (_, desc) in STAGES.items()]
     lines += ["", "environment: CMAPKD_DEVICE=auto|cpu|cuda|cuda:N picks the device (default auto);",
               "CMAPKD_WARM=0 runs each stage cold in its own interpreter (see cmapkd.warm);",
+              "CMAPKD_KEEP_FREED_MEMORY=0 keeps glibc's default of unmapping large freed blocks;",
               "CMAPKD_NPROC=N runs the training stages (distill) under torchrun on N processes, one per GPU."]
     return "\n".join(lines)
 
@@ -76,8 +79,13 @@ def launch(module_name: str, args: list[str]) -> NoReturn:
     """Run the stage as `python -m <module_name> <args>` would and end the process with its status:
     under torchrun when `CMAPKD_NPROC` asks for several processes (training stages), else in a
     child of the warm-start server when one answers, otherwise in this process."""
-    from cmapkd import warm
+    from cmapkd import runtime, warm
 
+    env = runtime.keep_freed_memory_env()
+    if env is not None:  # restart with glibc told to keep freed memory (runtime.keep_freed_memory_env)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     cmd = torchrun_command(module_name, args)
     if cmd is not None:
         sys.stdout.flush()
@@ -85,8 +93,6 @@ def launch(module_name: str, args: list[str]) -> NoReturn:
         os.execv(cmd[0], cmd)  # torchrun takes over this process: DVC sees its exit status
     code = warm.run(module_name, args)
     if code is None:
-        from cmapkd import runtime
-
         module = importlib.import_module(module_name)
         runtime.run_stage(lambda: module.main(args))
     sys.stdout.flush()

@@ -13,8 +13,30 @@ import numpy as np
 
 DEVICE_ENV = "CMAPKD_DEVICE"
 HUB_ENV = "CMAPKD_ALLOW_HUB"
+KEEP_FREED_ENV = "CMAPKD_KEEP_FREED_MEMORY"
+# glibc's malloc tunables (read once, when a process starts): no mmap for large blocks, and never
+# hand the top of the heap back to the kernel, so a freed block is reused by the next allocation
+KEEP_FREED_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 log = logging.getLogger("cmapkd")
+
+
+def keep_freed_memory_env(env=os.environ) -> dict[str, str] | None:
+    """The environment a `cmapkd <stage>` process restarts itself in so that glibc keeps the memory
+    torch frees, or None when no restart is needed (already set, set otherwise by the user, or
+    turned off with CMAPKD_KEEP_FREED_MEMORY=0).
+
+    Why: glibc serves every block of 32 MB or more with its own mmap and unmaps it when torch frees
+    it, so the large activations of every forward pass are faulted in again, 4 KB at a time, on
+    every batch. On this project's 2-core machines that is a large share of the work: the teacher's
+    image tower at batch 64 spent about half its time in page faults (benchmarks/bench_alloc.py, docs/benchmarks.md). It
+    changes where tensors live, never a value. glibc reads these variables only at process start,
+    hence a restart of the command (cheap: before torch is imported) instead of `mallopt`."""
+    if env.get(KEEP_FREED_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if any(k in env for k in KEEP_FREED_MALLOC_ENV):
+        return None
+    return {**env, **KEEP_FREED_MALLOC_ENV}
 
 
 def setup_logging(level: int = logging.INFO) -> None:
