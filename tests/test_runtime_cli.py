@@ -120,7 +120,6 @@ def test_nproc_launch_goes_through_torchrun(project_root):
     assert r.stdout.count("usage:") == 2  # one per worker process
 
 
-
 def test_keep_freed_memory_env_respects_the_user_and_the_switch():
     env = runtime.keep_freed_memory_env({"PATH": "/bin"})
     assert env == {"PATH": "/bin", **runtime.KEEP_FREED_MALLOC_ENV}
