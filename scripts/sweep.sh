@@ -50,8 +50,10 @@ dvc queue start -j 1
 # the status of each of this sweep's experiments (empty while `dvc queue status` cannot answer, e.g.
 # while the worker holds DVC's lock)
 status_of() { grep -E "^[0-9a-f]+ +$1 " <<< "$2" | awk '{print $NF}'; }
+restarts=0
 while true; do
-  sleep 15
+  # every `dvc queue status` writes a message to the worker's mailbox; poll slowly (see below)
+  sleep 30
   out=$(dvc queue status 2>/dev/null) || continue
   done_n=0
   for name in "${names[@]}"; do
@@ -59,6 +61,15 @@ while true; do
   done
   echo "sweep: $done_n of ${#names[@]} experiments finished, $((SECONDS - start)) s"
   [ "$done_n" -lt "${#names[@]}" ] || break
+  # celery's filesystem broker can read a mailbox message while it is still being written; the
+  # worker then stops ("Unrecoverable error: JSONDecodeError" in .dvc/tmp/exps/celery/*.out) after
+  # its current experiment and leaves the rest queued. Start a new worker for them.
+  if grep -q "Worker status: 0 active, 0 idle" <<< "$out"; then
+    [ "$restarts" -lt 5 ] || { echo "sweep: the queue worker stopped 5 times; see .dvc/tmp/exps/celery/" >&2; exit 1; }
+    restarts=$((restarts + 1))
+    echo "sweep: the queue worker stopped with experiments still queued; starting it again ($restarts)"
+    dvc queue start -j 1
+  fi
 done
 failed=0
 for name in "${names[@]}"; do
