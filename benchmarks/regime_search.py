@@ -11,6 +11,7 @@ plus the val mean recall of the student at start (no training) for every candida
     python benchmarks/regime_search.py                    # the regime table (docs/regime_search.md)
     python benchmarks/regime_search.py --lr-search        # every method x the lr grid (docs/lr_search.md)
     python benchmarks/regime_search.py --from-json A.json B.json   # method x lr table of saved runs
+                                                          # (a cell in B replaces the same cell in A)
     python benchmarks/regime_search.py --candidates default --methods c2kd --lrs 1e-3 --seeds 0 \
         --set baselines.c2kd.proxy_weight=0                # one question (docs/regime_search.md, "Diagnosis")
     python benchmarks/regime_search.py --candidates default --methods cmapkd --lrs 3e-4 \
@@ -131,6 +132,15 @@ def train_one(params, method: str, seed: int, init: Path, cache: Path, data: Pat
             "stage_vals": stage_vals}
 
 
+def latest_runs(records: list[dict]) -> list[dict]:
+    """One record per (candidate, method, terms, overrides, lr, seed): a later run of the same cell
+    (a later --json file on the command line) replaces an earlier one, so a method searched again
+    after a code change shows its new numbers only."""
+    def key(r):
+        return (r.get("candidate"), r["method"], r.get("terms"), tuple(r.get("overrides") or ()), float(r["lr"]), r["seed"])
+    return list({key(r): r for r in records}.values())
+
+
 def lr_table(records: list[dict]) -> str:
     """Markdown table, one row per method (and term set) and one column per learning rate: val mean
     recall mean +- std over the seeds (n when not 2), the best rate of each row in bold, and the val
@@ -138,6 +148,8 @@ def lr_table(records: list[dict]) -> str:
     cells: dict[tuple[str, float], list[dict]] = {}
     for r in records:
         label = f"{r['method']} ({r['terms'].replace(',', ' + ')})" if r.get("terms") else r["method"]
+        if r.get("overrides"):
+            label += " [" + ", ".join(r["overrides"]) + "]"
         cells.setdefault((label, float(r["lr"])), []).append(r)
     lrs = sorted({lr for _, lr in cells})
     labels = list(dict.fromkeys(label for label, _ in cells))
@@ -193,7 +205,7 @@ def main() -> int:
                     help="train nothing: print the method x lr table of the runs saved by --json")
     args = ap.parse_args()
     if args.from_json:
-        records = [r for f in args.from_json for r in json.loads(f.read_text())]
+        records = latest_runs([r for f in args.from_json for r in json.loads(f.read_text())])
         seeds = sorted({r["seed"] for r in records})
         print(f"val mean recall (%), mean ± std over seeds {' '.join(map(str, seeds))}; "
               f"from {', '.join(f.name for f in args.from_json)}\n")
@@ -240,7 +252,8 @@ def main() -> int:
                     for seed in args.seeds:
                         r = train_one(params, method, seed, init, cache, args.data, args.teacher, args.work, device)
                         got.append(r)
-                        records.append({"candidate": cand, "method": method, "terms": terms, "lr": lr, "seed": seed, **r})
+                        records.append({"candidate": cand, "method": method, "terms": terms, "overrides": args.set,
+                                        "lr": lr, "seed": seed, **r})
                         print(f"# {cand} {label} lr={lr:g} seed={seed}: val mean recall {100 * r['val']:.2f} "
                               f"({r['steps']} steps, {r['seconds']:.0f} s)", file=sys.stderr, flush=True)
                     vals = np.array([g["val"] for g in got]) * 100

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Loss-weight sensitivity through DVC's experiment queue (issue 17; docs/sweep.md):
+# Loss-weight sensitivity through DVC's experiment queue (issue 17; README "Loss-weight sensitivity", docs/reports.md "The loss-weight sweep"):
 #   bash scripts/sweep.sh [PARAM=V1,V2,... ...] [-- extra `dvc exp run` arguments]
 # Default: lambda2=0.1,0.25,0.5,1.0. Each value of each PARAM (any params.yaml key, one changed at a
 # time) becomes an experiment `sweep-PARAM-VALUE` (`dvc exp run --queue -S PARAM=VALUE`), run one

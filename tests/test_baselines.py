@@ -164,6 +164,11 @@ def test_params_section_loads_and_rejects_mistakes(tmp_path):
         load_params(["baselines"], path=write(tmp_path, raw))
 
     raw = yaml.safe_load(yaml.safe_dump(good))
+    raw["baselines"]["c2kd"]["proxy_init"] = "pretrained"
+    with pytest.raises(ParamsError, match=r"baselines.c2kd.proxy_init.*pretrained"):
+        load_params(["baselines"], path=write(tmp_path, raw))
+
+    raw = yaml.safe_load(yaml.safe_dump(good))
     del raw["baselines"]["c2kd"]["krc"]
     with pytest.raises(ParamsError, match=r"missing key 'baselines.c2kd.krc' \(float\)"):
         load_params(["baselines"], path=write(tmp_path, raw))
@@ -316,6 +321,37 @@ def test_promptkd_and_c2kd_terms_vanish_on_matching_logits(params, student):
     # OFSD: a proxy that ranks every row like the teacher keeps all rows; reversed rankings keep none
     rev = c2.compute_losses({**base, "image_features": img, "t_img": img, "proxy_img": -img, "proxy_txt": txt})
     assert float(rev["diag/c2kd_kept_frac"]) == 0.0 and float(rev["c2kd_ntkd"]) == 0.0
+
+
+def test_c2kd_aligned_proxies_start_as_the_students_level_heads_and_train_apart(params, student):
+    """`proxy_init: aligned`: each proxy starts as a copy of the student's aligned level head at
+    `proxy_level`, so its first logits are the student's own level-k retrieval logits; the copy
+    shares no parameter with the student. `random` (C2KD's literal init) starts elsewhere."""
+    k = params.baselines.c2kd.proxy_level - 1
+    imgs = student.image.prepare(images(3))
+    ids, mask = student.tokenize(["a cat on a mat", "two dogs in the snow", "a red bus"])
+    with torch.no_grad():
+        io, to = student.image(imgs), student.text(ids, mask)
+        v, l = io.levels[k].mean(dim=(2, 3)), language_levels(to)[k]
+        want_img = F.normalize(student.image.level_embed(k, v), dim=-1)
+        want_txt = F.normalize(student.text.level_embed(k, l), dim=-1)
+
+        aligned = C2KDAdapted(student, params.baselines)
+        f = aligned._features(io, to, None, None)
+        assert torch.allclose(f["proxy_img"], want_img, atol=1e-5)
+        assert torch.allclose(f["proxy_txt"], want_txt, atol=1e-5)
+        random = C2KDAdapted(student, with_cfg(params, c2kd=dataclasses.replace(params.baselines.c2kd, proxy_init="random")))
+        fr = random._features(io, to, None, None)
+        assert not torch.allclose(fr["proxy_img"], want_img, atol=1e-2)
+
+    ids_student = {id(p) for p in student.parameters()}
+    assert all(id(p) not in ids_student for p in aligned.proxies.parameters())
+    # a step on the proxy changes the proxy, not the student's level head
+    with torch.no_grad():
+        for p in aligned.proxies["img"].base.parameters():
+            p.add_(0.5)
+        assert torch.allclose(F.normalize(student.image.level_embed(k, v), dim=-1), want_img, atol=1e-6)
+        assert not torch.allclose(aligned._features(io, to, None, None)["proxy_img"], want_img, atol=1e-3)
 
 
 # ------------------------------------------------------------------ frozen teacher, cached == online

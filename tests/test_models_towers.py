@@ -93,6 +93,15 @@ def test_open_clip_towers_of_a_tiny_config():
     # encode_text equals open_clip's own encode_text
     with torch.no_grad():
         assert torch.allclose(student.encode_text(ids, mask, normalize=False), student.clip.encode_text(ids), atol=1e-5)
+    # level_head(i) is a standalone copy of level_embed(i, .): same values, no shared parameter
+    v, l = img.levels[2].mean(dim=(2, 3)), txt.pooled
+    clip_params = {id(p) for p in student.clip.parameters()}
+    for tower, x in ((student.image, v), (student.text, l)):
+        head = tower.level_head(2)
+        with torch.no_grad():
+            assert torch.allclose(head(x), tower.level_embed(2, x), atol=1e-5)
+        assert all(id(p) not in clip_params for p in head.parameters())
+        assert sum(p.numel() for p in head.parameters()) > 0
 
 
 def test_open_clip_bpe_tokenizer_mask_covers_sot_to_eot():

@@ -358,6 +358,9 @@ class C2KDBaselineParams:
     krc: float  # OFSD threshold: rows with Kendall tau > krc get KD (C2KD default 0.0)
     proxy_level: int  # 1..4: student tap feeding the proxy heads (C2KD: the stage before the last)
     temperature: float  # C2KD: 1
+    # proxy start: aligned = the student's own aligned level head + a zero-init MLP residual;
+    # random = C2KD's fresh MLP (docs/baselines.md, C2KD-adapted)
+    proxy_init: Literal["aligned", "random"] = "aligned"
 
 
 @dataclass(frozen=True)

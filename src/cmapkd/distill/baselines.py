@@ -423,6 +423,23 @@ class PromptKDAdapted(TeacherBaseline):
         return out
 
 
+class C2KDProxy(nn.Module):
+    """A C2KD proxy head: `mlp(x)`, or `base(x) + mlp(x)` with the MLP's last layer zeroed, so the
+    proxy starts as `base` (a copy of the student's aligned level head) and learns a residual."""
+
+    def __init__(self, mlp: nn.Sequential, base: nn.Module | None = None):
+        super().__init__()
+        self.mlp = mlp
+        self.base = base
+        if base is not None:
+            nn.init.zeros_(mlp[-1].weight)
+            nn.init.zeros_(mlp[-1].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.mlp(x)
+        return y if self.base is None else self.base(x) + y
+
+
 class C2KDAdapted(TeacherBaseline):
     """C2KD-adapted. C2KD (Huo et al., "C2KD: Bridging the Modality Gap for Cross-Modal Knowledge
     Distillation", CVPR 2024; huofushuo/C2KD `*/utils/helper.py` `train_network_distill`) distils
@@ -439,6 +456,14 @@ class C2KDAdapted(TeacherBaseline):
       `Stu`: conv1x1-BN-LeakyReLU + fc) on the student's level `c2kd.proxy_level` (image: spatial
       mean of that tap; text: language level of that tap) into the student's embedding width; proxy
       logits = student scale * norm(proxy_img) @ norm(proxy_txt)^T; group `adapters`;
+    - proxy start (`c2kd.proxy_init`): `aligned` (default) adds to each MLP a copy of the
+      student's own level head at that level (`level_embed`, aligned by `student_init` with the
+      main heads) and zero-initialises the MLP's last layer, so the proxy starts as the aligned
+      level-`proxy_level` retrieval head of the student and the MLP learns a residual. In C2KD the
+      student and its proxy start equally untrained; with a pretrained, aligned student, a random
+      proxy (`random`, C2KD's literal init) starts far flatter than the main head, and the
+      bidirectional KL then pulls the main logits flat, which at a CLIP logit scale crowds the
+      image embeddings (docs/regime_search.md, C2KD-adapted);
     - `c2kd_proxy` = proxy_weight * bidirectional KL between the proxy and the student's main
       logits (each direction with the other side detached, as C2KD), both axes;
     - teacher side: the teacher is frozen, so it has no trainable proxy and learns nothing from the
@@ -460,8 +485,12 @@ class C2KDAdapted(TeacherBaseline):
         self.proxy_level = lv - 1
         e = student.image.embed_dim
         c_v, d_l = student.image.level_channels[self.proxy_level], student.text.level_dims[self.proxy_level]
-        self.proxies = nn.ModuleDict({"img": _mlp(c_v, c_v, e, nn.LeakyReLU(0.1)),
-                                      "txt": _mlp(d_l, d_l, e, nn.LeakyReLU(0.1))})
+        if cfg.c2kd.proxy_init == "aligned":
+            bases = (student.image.level_head(self.proxy_level), student.text.level_head(self.proxy_level))
+        else:
+            bases = (None, None)
+        self.proxies = nn.ModuleDict({"img": C2KDProxy(_mlp(c_v, c_v, e, nn.LeakyReLU(0.1)), bases[0]),
+                                      "txt": C2KDProxy(_mlp(d_l, d_l, e, nn.LeakyReLU(0.1)), bases[1])})
 
     def group_modules(self):
         return {"student": [self.student], "adapters": [self.proxies]}
@@ -590,6 +619,7 @@ def baseline_lrs(name: str, params) -> dict[str, float]:
 __all__ = [
     "BASELINES",
     "C2KDAdapted",
+    "C2KDProxy",
     "CLIPKDDistiller",
     "FitNetDistiller",
     "KDDistiller",

